@@ -1,0 +1,83 @@
+"""Atomic file writes: a temporary file in the destination folder, fsync, rename.
+
+A writer that is killed part way leaves at most a hidden ``.<name>.tmp-*`` file beside
+the destination, never a partial file at the final path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from typing import BinaryIO, Callable, Iterator
+
+
+@contextlib.contextmanager
+def atomic_open(path: str) -> Iterator[BinaryIO]:
+    """Open a temporary file beside ``path``; on success it is fsynced and renamed onto ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class HashingWriter:
+    """A write-only file wrapper that hashes what passes through (sha256)."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def atomic_write_with(path: str, write: Callable[[BinaryIO], None]) -> tuple[str, int]:
+    """Write ``path`` atomically through ``write(f)``; returns (sha256 hex, bytes written)."""
+    with atomic_open(path) as f:
+        writer = HashingWriter(f)
+        write(writer)
+    return writer.sha256.hexdigest(), writer.size
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

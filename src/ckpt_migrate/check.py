@@ -1,0 +1,123 @@
+"""Logit check: does the converted model give the original model's logits?
+
+The reference (original weights, original layout, flex attention) and the candidate
+(GPTBatched on converted weights, sdpa) run on the same seeded random token batches.
+We report max/mean absolute logit difference, top-1 agreement, KL(reference || candidate)
+and both next-token losses; the check passes when every logit is finite and the max
+difference is within tolerance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5}  # absolute, on soft-capped logits
+
+
+@dataclass
+class CheckSettings:
+    """How the logit check runs."""
+
+    batch: int = 2  # sequences per batch
+    length: int = 256  # tokens per sequence; windows bite beyond 128 x short window
+    seed: int = 1234  # token generator seed
+    dtype: str = "float32"  # "float32" (TF32 off) or "bfloat16" (training-time dtype flow)
+    tolerance: float | None = None  # max |logit diff|; None = DEFAULT_TOLERANCE[dtype]
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def resolved_tolerance(self) -> float:
+        return float(self.tolerance) if self.tolerance is not None else DEFAULT_TOLERANCE[self.dtype]
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in DEFAULT_TOLERANCE:
+            raise ValueError(f"check dtype must be one of {sorted(DEFAULT_TOLERANCE)}, not {self.dtype!r}")
+        return getattr(torch, self.dtype)
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Full fp32 matmuls on CUDA for the duration (TF32 would add ~1e-3 relative error)."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def random_tokens(vocab_size: int, batch: int, length: int, seed: int) -> torch.Tensor:
+    """(batch, length + 1) seeded token ids; the extra column gives next-token targets."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, length + 1), generator=gen)
+
+
+def compare_logits(ref: torch.Tensor, cand: torch.Tensor, targets: torch.Tensor, tolerance: float) -> dict:
+    """Difference statistics between two (B, T, V) fp32 logit tensors."""
+    finite = bool(torch.isfinite(ref).all() and torch.isfinite(cand).all())
+    diff = (ref - cand).abs()
+    ref_logp = F.log_softmax(ref, dim=-1).flatten(0, 1)
+    cand_logp = F.log_softmax(cand, dim=-1).flatten(0, 1)
+    kl = F.kl_div(cand_logp, ref_logp, log_target=True, reduction="batchmean")
+    result = {
+        "max_abs_logit_diff": float(diff.max()),
+        "mean_abs_logit_diff": float(diff.mean()),
+        "top1_agreement": float((ref.argmax(-1) == cand.argmax(-1)).float().mean()),
+        "kl": max(0.0, float(kl)),  # rounding can make a ~0 KL slightly negative
+        "loss_ref": float(F.cross_entropy(ref.flatten(0, 1), targets.flatten())),
+        "loss_converted": float(F.cross_entropy(cand.flatten(0, 1), targets.flatten())),
+        "all_finite": finite,
+        "tolerance": tolerance,
+    }
+    result["check_passed"] = finite and result["max_abs_logit_diff"] <= tolerance
+    return result
+
+
+def logit_check(reference: torch.nn.Module, candidate: torch.nn.Module, vocab_size: int,
+                settings: CheckSettings) -> dict:
+    """Run both models on the same seeded batch and compare their logits."""
+    device, dtype = settings.resolved_device(), settings.torch_dtype()
+    tokens = random_tokens(vocab_size, settings.batch, settings.length, settings.seed).to(device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    outputs = []
+    with torch.no_grad(), no_tf32():
+        for model in (reference, candidate):
+            model.to(device)
+            prepare_dtype(model, dtype)
+            outputs.append(model(inputs).float())
+    result = compare_logits(outputs[0], outputs[1], targets, settings.resolved_tolerance())
+    result.update(check_device=torch.device(device).type if device != "cuda" else _gpu_name(),
+                  check_dtype=settings.dtype, check_batch=settings.batch,
+                  check_length=settings.length, check_seed=settings.seed)
+    log.info("logit check: max %.3g mean %.3g top1 %.4f kl %.3g -> %s", result["max_abs_logit_diff"],
+             result["mean_abs_logit_diff"], result["top1_agreement"], result["kl"],
+             "passed" if result["check_passed"] else "FAILED")
+    return result
+
+
+def prepare_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """fp32: every parameter fp32. bf16: embeddings bf16 (activations follow), others as stored."""
+    if dtype == torch.float32:
+        model.float()
+        return
+    model.embed.to(dtype)
+    model.value_embeds.to(dtype)
+
+
+def _gpu_name() -> str:
+    return f"cuda ({torch.cuda.get_device_name()})"
+
+
+def as_dict(settings: CheckSettings) -> dict:
+    return asdict(settings)

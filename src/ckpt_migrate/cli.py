@@ -1,0 +1,145 @@
+"""``ckpt-migrate``: inspect, convert and check checkpoints from the shell.
+
+Exit codes: 0 ok, 1 a check failed or a file could not be converted, 2 bad usage.
+Bad input is reported as one line naming the file, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .detect import FORMAT_LABELS, detect
+
+SHOWN_FIELDS = ("variant", "reason", "num_layers", "num_heads", "head_dim", "model_dim", "mlp_dim",
+                "vocab_size", "padded_vocab", "layers_without_attention", "num_value_embeds", "params",
+                "weight_bytes", "size_bytes", "step", "has_optimizer_state", "long_window_blocks",
+                "window_source", "direct_load", "dtypes", "converted_from", "source_path")
+
+
+def format_label(record: dict) -> str:
+    fmt = record["format"]
+    if fmt in FORMAT_LABELS:
+        return FORMAT_LABELS[fmt]
+    if fmt == "gptbatched":
+        return f"gptbatched (converted from {FORMAT_LABELS.get(record.get('converted_from'), '?')})"
+    return fmt
+
+
+def _inspect_text(record: dict) -> str:
+    lines = [f"Format: {format_label(record)}", f"  {'path':<26} {record['path']}"]
+    for key in SHOWN_FIELDS:
+        if key in record and record[key] not in ("", None, [], {}):
+            value = record[key]
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" for k, v in value.items())
+            lines.append(f"  {key:<26} {value}")
+    return "\n".join(lines)
+
+
+def cmd_inspect(args) -> int:
+    records = [detect(p) for p in args.paths]
+    if args.json:
+        if not args.tensors:
+            for r in records:
+                r.pop("tensors", None)
+        print(json.dumps(records if len(records) > 1 else records[0], indent=2, default=str))
+    else:
+        print("\n\n".join(_inspect_text(r) for r in records))
+    return 0 if all(r["format"] in ("small", "medium", "gptbatched") for r in records) else 1
+
+
+def _settings(args):
+    from .check import CheckSettings
+
+    return CheckSettings(batch=args.batch, length=args.length, seed=args.seed, dtype=args.dtype,
+                         tolerance=args.tolerance, device=args.device)
+
+
+def _print_check(result: dict) -> None:
+    keys = ("status", "reason", "max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement", "kl",
+            "loss_ref", "loss_converted", "check_passed", "check_device", "check_dtype", "sha256")
+    for key in keys:
+        if key in result and result[key] not in ("", None):
+            print(f"  {key:<20} {result[key]}")
+
+
+def cmd_convert(args) -> int:
+    from .migrate import convert_file
+
+    result = convert_file(args.src, args.dst, _settings(args))
+    print(f"{args.src} -> {args.dst}: {result['status']}")
+    _print_check(result)
+    return 0 if result["status"] == "converted" else 1
+
+
+def cmd_check(args) -> int:
+    from .convert import ConversionError
+    from .migrate import CheckpointError, check_file
+
+    try:
+        result = check_file(args.path, _settings(args))
+    except (CheckpointError, ConversionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.path}: check {'passed' if result['check_passed'] else 'FAILED'}")
+    _print_check(result)
+    return 0 if result["check_passed"] else 1
+
+
+def cmd_demo_tree(args) -> int:
+    from .synthetic import make_demo_tree
+
+    for path in make_demo_tree(args.root):
+        print(path)
+    return 0
+
+
+def _add_check_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=int, default=2, help="sequences per check batch")
+    p.add_argument("--length", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--seed", type=int, default=1234, help="token generator seed")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--tolerance", type=float, default=None, help="max |logit diff| (default by dtype)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ckpt-migrate", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="detect format and shapes without loading (no torch)")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--tensors", action="store_true", help="with --json: list every tensor")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="convert a small checkpoint to GPTBatched, check, write atomically")
+    p.add_argument("src")
+    p.add_argument("dst")
+    _add_check_options(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("check", help="logit check of a small, medium or converted checkpoint")
+    p.add_argument("path")
+    _add_check_options(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("demo-tree", help="write the built-in demo checkpoint tree")
+    p.add_argument("root")
+    p.set_defaults(func=cmd_demo_tree)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

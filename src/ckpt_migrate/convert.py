@@ -1,0 +1,139 @@
+"""Convert a train_gpt_small.py state dict to GPTBatched's layout.
+
+Every small key must match exactly one row of :data:`KEY_MAP`; an unmatched key raises
+:class:`UnmappedKeyError` with its name. Each copy checks shapes first. Tensors that are
+copied whole are passed through (no copy, dtype kept); ``qkvo_w`` and ``scalars`` are built
+in the promoted dtype of their sources, so nothing is silently downcast.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+
+from .families import GPTBatchedConfig, gptbatched_expected_shapes
+
+log = logging.getLogger(__name__)
+
+# (small key pattern, GPTBatched key template, how the tensor lands there).
+# "whole": the tensor is the target; "qkvo[0:3]"/"qkvo[3]": slots of the stacked attention
+# weight; "scalars[...]": a slice of the packed [5L] scalars vector (see _scalar_slice).
+KEY_MAP: list[tuple[str, str, str]] = [
+    (r"embed\.weight", "embed.weight", "whole"),
+    (r"value_embeds\.(\d+)\.weight", r"value_embeds.\1.weight", "whole"),
+    (r"blocks\.(\d+)\.attn\.qkv_w", r"blocks.\1.attn.qkvo_w", "qkvo[0:3]"),
+    (r"blocks\.(\d+)\.attn\.c_proj\.weight", r"blocks.\1.attn.qkvo_w", "qkvo[3]"),
+    (r"blocks\.(\d+)\.mlp\.c_fc\.weight", r"blocks.\1.mlp.fc_w", "whole"),
+    (r"blocks\.(\d+)\.mlp\.c_proj\.weight", r"blocks.\1.mlp.proj_w", "whole"),
+    (r"lm_head\.weight", "lm_head_w", "whole"),
+    (r"skip_weights", "scalars", "scalars[skip]"),  # v1: [L/2] U-net skip weights
+    (r"blocks\.(\d+)\.lambdas", "scalars", "scalars[block]"),  # v1: [2] residual mix of layer i
+    (r"blocks\.(\d+)\.attn\.lambdas", "scalars", "scalars[attn]"),  # v1: [2] value mix of layer i
+    (r"scalars", "scalars", "scalars[packed]"),  # v2: [5L + pad], pad dropped
+]
+_COMPILED = [(re.compile(src), dst, how) for src, dst, how in KEY_MAP]
+
+
+class ConversionError(ValueError):
+    """The state dict cannot be converted; the message says which key or shape."""
+
+
+class UnmappedKeyError(ConversionError):
+    pass
+
+
+def _scalar_slice(how: str, layer: int | None, num_layers: int, src_len: int) -> tuple[slice, slice]:
+    """(source slice, target slice) of the packed scalars: [0, L) skips, [L, 3L) block pairs,
+    [3L, 5L) attention pairs."""
+    L = num_layers
+    if how == "scalars[skip]":
+        return slice(0, src_len), slice(0, src_len)
+    if how == "scalars[block]":
+        return slice(0, 2), slice(L + 2 * layer, L + 2 * layer + 2)
+    if how == "scalars[attn]":
+        return slice(0, 2), slice(3 * L + 2 * layer, 3 * L + 2 * layer + 2)
+    return slice(0, 5 * L), slice(0, 5 * L)  # packed
+
+
+def _expect_shape(key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ConversionError(f"{key}: shape {list(tensor.shape)} does not fit {list(shape)}")
+
+
+def convert_state_dict(small: dict[str, torch.Tensor], cfg: GPTBatchedConfig) -> dict[str, torch.Tensor]:
+    """GPTBatched state dict from a prefix-stripped small (v1 or v2) state dict."""
+    hdim = cfg.num_heads * cfg.head_dim
+    if hdim != cfg.model_dim:
+        raise ConversionError(f"hdim {hdim} != model_dim {cfg.model_dim}: c_proj.weight [D, hdim] "
+                              f"cannot be stacked as slot 3 of qkvo_w [4, hdim, D]")
+    expected = gptbatched_expected_shapes(cfg)
+    L = cfg.num_layers
+    # Group source tensors by target so each target is allocated once in its promoted dtype.
+    plan: dict[str, list[tuple[str, str, int | None, torch.Tensor]]] = {}
+    for key, tensor in small.items():
+        for pattern, dst, how in _COMPILED:
+            match = pattern.fullmatch(key)
+            if match:
+                target = match.expand(dst)
+                layer = int(match.group(1)) if match.groups() else None
+                plan.setdefault(target, []).append((key, how, layer, tensor))
+                break
+        else:
+            raise UnmappedKeyError(f"unmapped key {key!r}: no GPTBatched counterpart")
+    unknown_targets = sorted(set(plan) - set(expected))
+    if unknown_targets:
+        raise ConversionError(f"source keys map to {unknown_targets[0]!r}, which GPTBatched does not have "
+                              f"(layer without attention or beyond num_layers?)")
+    missing = sorted(set(expected) - set(plan))
+    if missing:
+        raise ConversionError(f"nothing in the source maps to {missing[0]!r}")
+
+    out: dict[str, torch.Tensor] = {}
+    for target, sources in plan.items():
+        shape = expected[target]
+        if len(sources) == 1 and sources[0][1] == "whole":
+            key, _, _, tensor = sources[0]
+            _expect_shape(key, tensor, shape)
+            out[target] = tensor
+            continue
+        dtype = sources[0][3].dtype
+        for _, _, _, tensor in sources[1:]:
+            dtype = torch.promote_types(dtype, tensor.dtype)
+        if target == "scalars":
+            # Slots that the small family never reads get medium's initial values.
+            result = torch.cat([torch.ones(L), torch.tensor([1.0, 0.0]).repeat(L),
+                                torch.tensor([0.5, 0.5]).repeat(L)]).to(dtype)
+        else:
+            result = torch.empty(shape, dtype=dtype)
+        filled = set()
+        for key, how, layer, tensor in sources:
+            if how == "qkvo[0:3]":
+                _expect_shape(key, tensor, (3, *shape[1:]))
+                result[0:3].copy_(tensor)
+                filled.add(how)
+            elif how == "qkvo[3]":
+                _expect_shape(key, tensor, shape[1:])
+                result[3].copy_(tensor)
+                filled.add(how)
+            elif how.startswith("scalars"):
+                if tensor.dim() != 1:
+                    raise ConversionError(f"{key}: expected a vector, got shape {list(tensor.shape)}")
+                if how == "scalars[skip]" and tensor.numel() != L // 2:
+                    raise ConversionError(f"{key}: {tensor.numel()} skip weights, expected {L // 2}")
+                if how == "scalars[packed]" and tensor.numel() < 5 * L:
+                    raise ConversionError(f"{key}: {tensor.numel()} scalars, expected at least {5 * L}")
+                src, dst = _scalar_slice(how, layer, L, tensor.numel())
+                _expect_shape(key, tensor[src], result[dst].shape)
+                result[dst] = tensor[src].to(dtype)
+                filled.add(how)
+            else:
+                raise ConversionError(f"{key}: {how} cannot share target {target!r} with other keys")
+        if "scalars[packed]" in filled and len(filled) > 1:
+            raise ConversionError("both v2 packed scalars and v1 separate scalars are present")
+        if target.endswith("qkvo_w") and filled != {"qkvo[0:3]", "qkvo[3]"}:
+            raise ConversionError(f"{target}: needs both qkv_w and c_proj.weight of that layer")
+        out[target] = result
+    log.debug("converted %d small tensors into %d GPTBatched tensors", len(small), len(out))
+    return out

@@ -1,0 +1,277 @@
+"""Classify a checkpoint as small, medium or unknown from its pickle alone (no torch).
+
+:func:`detect` reads the object tree with :mod:`ckpt_migrate.safe_pickle`, finds the
+state dict, strips the ``_orig_mod.``/``module.`` prefixes that ``torch.compile`` and DDP
+add, derives the model's dimensions and compares every key and shape against the family
+tables in :mod:`ckpt_migrate.families`. A checkpoint is a family only when it matches
+exactly; otherwise it is ``unknown`` with a reason naming the keys or shapes that disagree.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from .families import (
+    FAMILIES,
+    HEAD_DIM,
+    NO_ATTENTION_LAYER,
+    GPTBatchedConfig,
+    gptbatched_expected_shapes,
+    next_multiple,
+    num_iterations_from_code,
+    small_expected_shapes,
+    window_blocks_at,
+)
+from .safe_pickle import TensorStub, inspect_archive
+
+STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
+CONVERTED_FORMAT = "gptbatched"  # the "format" marker of files this tool writes
+PREFIXES = ("_orig_mod.", "module.")
+OPTIMIZER_KEYS = ("optimizers", "optimizer", "optimizer_state_dict")
+FORMAT_LABELS = {
+    "small": "small (from train_gpt_small.py)",
+    "medium": "medium (from train_gpt_medium.py)",
+}
+_STEP_IN_NAME = re.compile(r"(?:best_state|state_step|step)_?(\d+)")
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+
+
+def strip_prefixes(key: str) -> str:
+    """Drop every leading ``_orig_mod.``/``module.`` (they may nest: DDP around compile)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def _is_state_dict(obj: Any, leaf: type) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, leaf) for k, v in obj.items())
+
+
+def find_state_dict(obj: Any, leaf: type = TensorStub) -> tuple[dict | None, str]:
+    """The model state dict in a checkpoint object, and where it was ("" for a bare one).
+
+    ``leaf`` is the tensor type: TensorStub for an inspected pickle, torch.Tensor once loaded.
+    """
+    if _is_state_dict(obj, leaf):
+        return obj, ""
+    if isinstance(obj, dict):
+        for key in STATE_DICT_KEYS:
+            if _is_state_dict(obj.get(key), leaf):
+                return obj[key], key
+    return None, ""
+
+
+def _compare(actual: dict[str, tuple], expected: dict[str, tuple]) -> list[str]:
+    """Human-readable differences between two name->shape tables (empty when equal)."""
+    missing = [k for k in expected if k not in actual]
+    unexpected = [k for k in actual if k not in expected]
+    wrong = [f"{k} {list(actual[k])} (expected {list(expected[k])})"
+             for k in expected if k in actual and tuple(actual[k]) != tuple(expected[k])]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            problems.append(f"{label}: {', '.join(items[:3])}{more}")
+    return problems
+
+
+def _guess_family(keys: set[str]) -> tuple[str, str]:
+    """Which family the key names point at: (family, variant); ("", "") if neither."""
+    if "lm_head_w" in keys or any(k.endswith(".attn.qkvo_w") for k in keys):
+        return "medium", ""
+    if "lm_head.weight" in keys or any(k.endswith(".attn.qkv_w") for k in keys):
+        return "small", ("v1" if "skip_weights" in keys else "v2")
+    return "", ""
+
+
+def _shape(shapes: dict[str, tuple], key: str, ndim: int) -> tuple | None:
+    s = shapes.get(key)
+    return s if s is not None and len(s) == ndim else None
+
+
+def classify(state_dict: dict[str, TensorStub]) -> dict[str, Any]:
+    """Format, variant, reason and derived dimensions of a (prefix-stripped) state dict."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    result: dict[str, Any] = {"format": "unknown", "variant": "", "reason": ""}
+    family, variant = _guess_family(set(shapes))
+    if not family:
+        result["reason"] = "neither layout: no lm_head_w/qkvo_w (medium) nor lm_head.weight/qkv_w (small)"
+        return result
+    bad_dtypes = sorted({f"{k}:{v.dtype}" for k, v in state_dict.items()
+                         if not v.dtype.startswith(("float", "bfloat"))})
+    if bad_dtypes:
+        result["reason"] = f"non-floating tensors: {', '.join(bad_dtypes[:3])}"
+        return result
+
+    embed = _shape(shapes, "embed.weight", 2)
+    head = _shape(shapes, "lm_head_w" if family == "medium" else "lm_head.weight", 2)
+    if embed is None or head is None:
+        result["reason"] = f"{family} layout without a 2-d embed.weight and lm-head"
+        return result
+    vocab_rows, model_dim = embed
+    num_layers = 1 + max((int(m.group(1)) for k in shapes if (m := _BLOCK_KEY.match(k))), default=-1)
+    attn_key = "attn.qkvo_w" if family == "medium" else "attn.qkv_w"
+    fc_key = "mlp.fc_w" if family == "medium" else "mlp.c_fc.weight"
+    attn_shapes = [shapes[f"blocks.{i}.{attn_key}"] for i in range(num_layers)
+                   if f"blocks.{i}.{attn_key}" in shapes]
+    hdim = attn_shapes[0][1] if attn_shapes and len(attn_shapes[0]) == 3 else 0
+    fc = _shape(shapes, f"blocks.0.{fc_key}", 2)
+    mlp_dim = fc[0] if fc else 4 * model_dim
+    derived = {
+        "num_layers": num_layers,
+        "num_heads": hdim // HEAD_DIM if hdim else 0,
+        "head_dim": HEAD_DIM,
+        "hdim": hdim,
+        "model_dim": model_dim,
+        "mlp_dim": mlp_dim,
+        "vocab_size": vocab_rows,
+        "padded_vocab": head[0],
+        "layers_without_attention": [i for i in range(num_layers)
+                                     if f"blocks.{i}.{attn_key}" not in shapes],
+        "num_value_embeds": sum(1 for k in shapes if re.fullmatch(r"value_embeds\.\d+\.weight", k)),
+    }
+    result.update(derived)
+
+    fam = FAMILIES[family]
+    problems: list[str] = []
+    if num_layers != fam.num_layers:
+        problems.append(f"{num_layers} layers, but the {family} family's windows and skips are "
+                        f"defined for {fam.num_layers}")
+    if hdim % HEAD_DIM:
+        problems.append(f"attention width {hdim} is not a multiple of head_dim {HEAD_DIM}")
+    if head[0] != next_multiple(vocab_rows, 128):
+        problems.append(f"lm-head rows {head[0]} != embedding rows {vocab_rows} rounded up to 128")
+    if family == "medium":
+        cfg = GPTBatchedConfig("medium", num_layers, hdim // HEAD_DIM, HEAD_DIM, model_dim, mlp_dim,
+                               vocab_rows, head[0], [i for i in range(num_layers) if i != NO_ATTENTION_LAYER], 1)
+        expected = gptbatched_expected_shapes(cfg)
+    else:
+        scalars = _shape(shapes, "scalars", 1)
+        scalars_len = scalars[0] if scalars and scalars[0] >= 5 * num_layers else None
+        expected = small_expected_shapes(variant, num_layers, hdim // HEAD_DIM, model_dim, mlp_dim,
+                                         vocab_rows, head[0], scalars_len)
+        if variant == "v2" and vocab_rows % 128:
+            problems.append(f"v2 embeddings have {vocab_rows} rows, not padded to a multiple of 128")
+    problems += _compare(shapes, expected)
+    if problems:
+        result["reason"] = f"not {family}{('/' + variant) if variant else ''}: " + "; ".join(problems)
+        return result
+    result.update(format=family, variant=variant)
+    if family == "small" and hdim != model_dim:
+        result["convertible"] = False
+        result["reason"] = (f"small checkpoint with hdim {hdim} != model_dim {model_dim}: the output "
+                            f"projection cannot be stacked into qkvo_w")
+    elif family == "small":
+        result["convertible"] = True
+    return result
+
+
+def step_from_name(path: str) -> int | None:
+    match = _STEP_IN_NAME.search(os.path.basename(path))
+    return int(match.group(1)) if match else None
+
+
+def detect(path: str) -> dict[str, Any]:
+    """Everything a manifest records about the checkpoint at ``path``; never raises for bad input."""
+    record: dict[str, Any] = {"path": os.path.abspath(path), "format": "unknown", "variant": "",
+                              "reason": "", "status": ""}
+    try:
+        st = os.stat(path)
+        record.update(size_bytes=st.st_size, mtime=st.st_mtime)
+    except OSError:
+        pass
+    inspection = inspect_archive(path)
+    if inspection.status != "ok":
+        record.update(format=inspection.status, status=inspection.status, reason=inspection.reason)
+        return record
+    obj = inspection.obj
+    if isinstance(obj, dict) and obj.get("format") == CONVERTED_FORMAT and isinstance(obj.get("config"), dict):
+        return _converted_record(record, obj)
+    state_dict, wrapper = find_state_dict(obj)
+    if state_dict is None:
+        top = sorted(map(str, obj))[:6] if isinstance(obj, dict) else [type(obj).__name__]
+        record.update(status="unknown", reason=f"no model state dict found (top-level: {', '.join(top)})")
+        return record
+    stripped = {strip_prefixes(k): v for k, v in state_dict.items()}
+    if len(stripped) != len(state_dict):
+        record.update(status="unknown", reason="two keys collide once _orig_mod./module. prefixes are stripped")
+        return record
+    record["wrapper"] = wrapper or "(bare state dict)"
+    record["prefixes_stripped"] = sorted({k[: len(k) - len(strip_prefixes(k))] for k in state_dict} - {""})
+    record.update(classify(stripped))
+    step = obj.get("step") if isinstance(obj, dict) and wrapper else None
+    record["step"] = int(step) if isinstance(step, int) and not isinstance(step, bool) else step_from_name(path)
+    code = obj.get("code") if isinstance(obj, dict) else None
+    record["num_iterations"] = num_iterations_from_code(code)
+    record["has_code"] = isinstance(code, str)
+    record["has_optimizer_state"] = isinstance(obj, dict) and any(
+        obj.get(k) not in (None, [], {}) for k in OPTIMIZER_KEYS)
+    record["params"] = sum(v.numel for v in stripped.values())
+    record["weight_bytes"] = sum(v.nbytes for v in stripped.values())
+    record["dtypes"] = dict(sorted(_count_dtypes(stripped).items()))
+    record["tensors"] = {k: {"shape": list(v.shape), "dtype": v.dtype} for k, v in stripped.items()}
+    if record["format"] in FAMILIES:
+        fam = FAMILIES[record["format"]]
+        record["long_window_blocks"], record["window_source"] = window_blocks_at(
+            fam, record["step"], record["num_iterations"])
+    if record["format"] == "medium":
+        problems = _compare({k: tuple(v["shape"]) for k, v in record["tensors"].items()},
+                            gptbatched_expected_shapes(config_from_record(record)))
+        record["direct_load"] = {"ok": not problems, "problems": problems}
+    record["status"] = status_for(record)
+    return record
+
+
+def _converted_record(record: dict, obj: dict) -> dict:
+    """A file this tool wrote: report its source family and config instead of re-classifying."""
+    source = obj.get("source") if isinstance(obj.get("source"), dict) else {}
+    tensors = obj.get("model") if isinstance(obj.get("model"), dict) else {}
+    record.update(obj["config"])
+    record.update(format=CONVERTED_FORMAT, status="converted", variant=str(source.get("variant", "")),
+                  converted_from=str(source.get("format", "")), source_path=str(source.get("path", "")),
+                  step=obj.get("step"), converter_version=str(obj.get("converter_version", "")),
+                  params=sum(v.numel for v in tensors.values() if isinstance(v, TensorStub)),
+                  tensors={k: {"shape": list(v.shape), "dtype": v.dtype}
+                           for k, v in tensors.items() if isinstance(v, TensorStub)})
+    return record
+
+
+def _count_dtypes(state_dict: dict[str, TensorStub]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for v in state_dict.values():
+        counts[v.dtype] = counts.get(v.dtype, 0) + 1
+    return counts
+
+
+def status_for(record: dict) -> str:
+    """Pipeline status before any conversion: what should happen to this file."""
+    if record["format"] == "medium":
+        return "not_needed"
+    if record["format"] == "small":
+        return "to_convert" if record.get("convertible") else "failed"
+    return record.get("status") or "unknown"
+
+
+def config_from_record(record: dict) -> GPTBatchedConfig:
+    """The GPTBatched config for a detected small or medium checkpoint."""
+    return GPTBatchedConfig(
+        family=record["format"],
+        num_layers=record["num_layers"],
+        num_heads=record["num_heads"],
+        head_dim=record["head_dim"],
+        model_dim=record["model_dim"],
+        mlp_dim=record["mlp_dim"],
+        # GPTBatched keeps the source's embedding rows (small v2 pads them to 128).
+        vocab_size=record["vocab_size"],
+        padded_vocab=record["padded_vocab"],
+        attn_layers=[i for i in range(record["num_layers"]) if i not in record["layers_without_attention"]],
+        long_window_blocks=record["long_window_blocks"],
+        window_source=record.get("window_source", ""),
+    )

@@ -1,0 +1,158 @@
+"""The two upstream checkpoint families and the GPTBatched config that describes either.
+
+Torch-free: detection imports this to name the expected keys and shapes, and the models
+import it to know the per-layer windows, skips and soft-caps. Facts come from
+KellerJordan/modded-nanogpt at 378c4e30/345b2fb9 (train_gpt.py, "small") and 06743860
+(train_gpt_medium.py, "medium"); see docs/upstream.md.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+HEAD_DIM = 128  # both scripts build attention with head_dim=128
+WINDOW_BLOCK = 128  # flex-attention block size; windows are counted in these blocks
+EOT_TOKEN = 50256  # upstream's document separator (GPT-2 <|endoftext|>)
+NO_ATTENTION_LAYER = 7  # "skip attention of blocks.7" in both scripts
+
+
+def next_multiple(value: float, n: int) -> int:
+    """Smallest positive multiple of n that is >= value (upstream's next_multiple_of_n)."""
+    k = max(1, -(-int(value) // n))
+    while k * n < value:
+        k += 1
+    return k * n
+
+
+@dataclass(frozen=True)
+class Family:
+    """What distinguishes one training script's model."""
+
+    name: str  # "small" or "medium"
+    script: str  # the lab's training script that writes it
+    num_layers: int  # depth the per-layer tables below are written for
+    long_window_layers: tuple[int, ...]  # layers using the long window; the rest use long // 2
+    final_window_blocks: int  # long window at the end of training, in 128-token blocks
+    norm_attn_input: bool  # attention sees norm(x) (small) or raw x (medium)
+    norm_v: bool  # v is RMS-normed before the lambda mix (medium)
+    skip_map: dict[int, int] | None  # medium: layer -> earlier layer whose output is added
+    softcap: str  # "sigmoid30" (small) or "rsqrt15" (medium)
+
+
+SMALL = Family("small", "train_gpt_small.py", 12, (0, 4, 7, 11), 14, True, False, None, "sigmoid30")
+MEDIUM = Family("medium", "train_gpt_medium.py", 16, (0, 4, 11, 15), 27, False, True,
+                {9: 6, 10: 4, 11: 2}, "rsqrt15")
+FAMILIES = {f.name: f for f in (SMALL, MEDIUM)}
+
+
+def window_blocks_at(family: Family, step: int | None, num_iterations: int | None) -> tuple[int, str]:
+    """Long window (blocks) the model was validated with at ``step``, and where that came from.
+
+    small: next multiple of 128 of 1728·x; medium: of 3456·(4x³ − 6x² + 3x); x = step/num_iterations.
+    """
+    if step is None or not num_iterations or step < 0 or step > num_iterations:
+        return family.final_window_blocks, "end of training (family default)"
+    x = step / num_iterations
+    if family.name == "small":
+        tokens = next_multiple(1728 * x, WINDOW_BLOCK)
+    else:
+        tokens = next_multiple(3456 * (4 * x**3 - 6 * x**2 + 3 * x), WINDOW_BLOCK)
+    return tokens // WINDOW_BLOCK, f"schedule at step {step} of {num_iterations}"
+
+
+_NUM_ITERATIONS = re.compile(r"^\s*num_iterations\s*(?::\s*int\s*)?=\s*(\d+)", re.MULTILINE)
+
+
+def num_iterations_from_code(code: str | None) -> int | None:
+    """The training script's ``num_iterations`` (carried in the checkpoint's ``code``)."""
+    if not isinstance(code, str):
+        return None
+    match = _NUM_ITERATIONS.search(code)
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class GPTBatchedConfig:
+    """Everything GPTBatched needs to reproduce one family's forward; stored in converted files."""
+
+    family: str  # "small" or "medium": whose forward semantics to reproduce
+    num_layers: int  # transformer blocks
+    num_heads: int  # attention heads; hdim = num_heads * head_dim
+    head_dim: int  # per-head width (128 upstream)
+    model_dim: int  # residual width D
+    mlp_dim: int  # MLP hidden width (4D upstream)
+    vocab_size: int  # embedding rows
+    padded_vocab: int  # lm-head rows (logit width)
+    attn_layers: list[int]  # layers that have attention (all but 7 upstream)
+    long_window_blocks: int  # long sliding window in 128-token blocks; short is long // 2
+    window_source: str = ""  # why these windows: schedule at the step, or family default
+    eot_token: int | None = EOT_TOKEN  # attention never crosses this token; None = no documents
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GPTBatchedConfig":
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+    @property
+    def fam(self) -> Family:
+        return FAMILIES[self.family]
+
+    def window_blocks(self, layer: int) -> int:
+        """Sliding window of ``layer`` in blocks (short = long // 2, at least one block)."""
+        if layer in self.fam.long_window_layers:
+            return self.long_window_blocks
+        return max(1, self.long_window_blocks // 2)
+
+    def value_embed_index(self, layer: int) -> int | None:
+        """Which of the three value embeddings layer ``layer`` mixes into v, if any."""
+        if layer < 3:
+            return layer
+        if layer >= self.num_layers - 3:
+            return layer - (self.num_layers - 3)
+        return None
+
+
+def gptbatched_expected_shapes(cfg: GPTBatchedConfig) -> dict[str, tuple[int, ...]]:
+    """GPTBatched's parameter names and shapes (the medium layout)."""
+    d, hdim, L = cfg.model_dim, cfg.num_heads * cfg.head_dim, cfg.num_layers
+    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (cfg.vocab_size, d)}
+    for i in range(3):
+        shapes[f"value_embeds.{i}.weight"] = (cfg.vocab_size, d)
+    for i in range(L):
+        if i in cfg.attn_layers:
+            shapes[f"blocks.{i}.attn.qkvo_w"] = (4, hdim, d)
+        shapes[f"blocks.{i}.mlp.fc_w"] = (cfg.mlp_dim, d)
+        shapes[f"blocks.{i}.mlp.proj_w"] = (d, cfg.mlp_dim)
+    shapes["lm_head_w"] = (cfg.padded_vocab, d)
+    shapes["scalars"] = (5 * L,)
+    return shapes
+
+
+def small_expected_shapes(variant: str, num_layers: int, num_heads: int, model_dim: int,
+                          mlp_dim: int, vocab_rows: int, padded_vocab: int,
+                          scalars_len: int | None = None) -> dict[str, tuple[int, ...]]:
+    """train_gpt_small.py's state-dict names and shapes (v1: separate scalars, v2: packed)."""
+    d, hdim, L = model_dim, num_heads * HEAD_DIM, num_layers
+    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (vocab_rows, d)}
+    for i in range(3):
+        shapes[f"value_embeds.{i}.weight"] = (vocab_rows, d)
+    for i in range(L):
+        if i != NO_ATTENTION_LAYER:
+            shapes[f"blocks.{i}.attn.qkv_w"] = (3, hdim, d)
+            shapes[f"blocks.{i}.attn.c_proj.weight"] = (d, hdim)
+            if variant == "v1":
+                shapes[f"blocks.{i}.attn.lambdas"] = (2,)
+        shapes[f"blocks.{i}.mlp.c_fc.weight"] = (mlp_dim, d)
+        shapes[f"blocks.{i}.mlp.c_proj.weight"] = (d, mlp_dim)
+        if variant == "v1":
+            shapes[f"blocks.{i}.lambdas"] = (2,)
+    shapes["lm_head.weight"] = (padded_vocab, d)
+    if variant == "v1":
+        shapes["skip_weights"] = (L // 2,)
+    else:
+        shapes["scalars"] = (scalars_len if scalars_len is not None else 5 * L,)
+    return shapes

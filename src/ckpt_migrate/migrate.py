@@ -1,0 +1,180 @@
+"""File-level operations: load a checkpoint safely, build its models, convert, check, load for use.
+
+Every file is first inspected by :func:`ckpt_migrate.detect.detect` (restricted unpickler,
+no code runs); only a file that inspects as a known family is then opened with
+``torch.load(weights_only=True, mmap=True)``, so optimizer state stays on disk.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+
+from . import __version__
+from .atomic import atomic_write_with
+from .check import CheckSettings, logit_check, prepare_dtype
+from .convert import ConversionError, convert_state_dict
+from .detect import CONVERTED_FORMAT, config_from_record, detect, find_state_dict, strip_prefixes
+from .families import GPTBatchedConfig
+from .models import GPTBatched, GPTFlexAttention
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """The file is not one we can load or convert; the message is one line naming the file."""
+
+
+def load_source(path: str, record: dict | None = None) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """(detection record, checkpoint object, prefix-stripped state dict), memory-mapped."""
+    record = record if record is not None else detect(path)
+    if record["format"] not in ("small", "medium", CONVERTED_FORMAT):
+        raise CheckpointError(f"{path}: {record['format']}: {record['reason']}")
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if record["format"] == CONVERTED_FORMAT:
+        return record, obj, obj["model"]
+    state_dict, _ = find_state_dict(obj, torch.Tensor)
+    if state_dict is None:  # the file changed since it was inspected
+        raise CheckpointError(f"{path}: no model state dict in the loaded checkpoint")
+    return record, obj, {strip_prefixes(k): v for k, v in state_dict.items()}
+
+
+def build_model(cls, cfg: GPTBatchedConfig, state_dict: dict[str, torch.Tensor], **kwargs) -> torch.nn.Module:
+    """Instantiate without allocating, then adopt the tensors as they are (dtypes kept), strictly."""
+    with torch.device("meta"):
+        model = cls(cfg, **kwargs)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
+
+
+def reference_model(record: dict, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The family's training-time forward in its original layout (flex attention)."""
+    cfg = config_from_record(record)
+    if record["format"] == "small":
+        return build_model(GPTFlexAttention, cfg, state_dict, variant=record["variant"],
+                           scalars_len=state_dict["scalars"].numel() if "scalars" in state_dict else None)
+    return build_model(GPTBatched, cfg, state_dict, attention="flex")
+
+
+def converted_payload(record: dict, state_dict: dict[str, torch.Tensor], cfg: GPTBatchedConfig,
+                      had_optimizer: bool) -> dict:
+    """The self-describing converted file's content (loads with weights_only=True)."""
+    return {
+        "format": CONVERTED_FORMAT,
+        "model": state_dict,
+        "config": cfg.to_dict(),
+        "step": record.get("step"),
+        "source": {
+            "path": record["path"],
+            "size_bytes": record.get("size_bytes"),
+            "mtime": record.get("mtime"),
+            "format": record["format"],
+            "variant": record.get("variant", ""),
+        },
+        "converter_version": __version__,
+        "optimizer_state": ("not carried (the source has optimizer state)" if had_optimizer
+                            else "not carried (the source has none)"),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def convert_file(src: str, dst: str | None, settings: CheckSettings | None = None,
+                 record: dict | None = None) -> dict:
+    """Convert a small checkpoint, check its logits and, if the check passes, write ``dst`` atomically.
+
+    Returns the check record (metrics, timings, output hash). A failed check or a refused
+    conversion returns ``status: failed`` with a reason and writes nothing at ``dst``.
+    """
+    settings = settings or CheckSettings()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    record = record if record is not None else detect(src)
+    result: dict[str, Any] = {"source": os.path.abspath(src), "converted_path": dst or "",
+                              "converter_version": __version__, "status": "failed"}
+    if record["format"] != "small":
+        result["reason"] = f"not a small checkpoint ({record['format']}: {record.get('reason', '')})"
+        return result
+    try:
+        _, obj, small = load_source(src, record)
+        timings["load_s"] = time.perf_counter() - t0
+        cfg = config_from_record(record)
+        t1 = time.perf_counter()
+        converted = convert_state_dict(small, cfg)
+        timings["convert_s"] = time.perf_counter() - t1
+    except (ConversionError, CheckpointError) as exc:
+        result["reason"] = str(exc)
+        return result
+    t2 = time.perf_counter()
+    reference = reference_model(record, small)
+    candidate = build_model(GPTBatched, cfg, converted)
+    check = logit_check(reference, candidate, cfg.vocab_size, settings)
+    timings["check_s"] = time.perf_counter() - t2
+    result.update(check)
+    if not check["check_passed"]:
+        why = "non-finite logits" if not check["all_finite"] else (
+            f"max |logit diff| {check['max_abs_logit_diff']:.3g} > tolerance {check['tolerance']:.3g}")
+        result["reason"] = f"logit check failed: {why}; nothing written"
+        return result
+    if dst:
+        t3 = time.perf_counter()
+        payload = converted_payload(record, converted, cfg, bool(record.get("has_optimizer_state")))
+        result["sha256"], result["converted_bytes"] = atomic_write_with(dst, lambda f: torch.save(payload, f))
+        timings["write_s"] = time.perf_counter() - t3
+    del obj
+    timings["total_s"] = time.perf_counter() - t0
+    result.update(status="converted", reason="", timings=timings)
+    return result
+
+
+def check_file(path: str, settings: CheckSettings | None = None) -> dict:
+    """Logit check of any checkpoint: small (converted in memory), medium (flex vs sdpa), or converted."""
+    settings = settings or CheckSettings()
+    record, obj, state_dict = load_source(path)
+    if record["format"] == CONVERTED_FORMAT:
+        cfg = GPTBatchedConfig.from_dict(obj["config"])
+        source = obj["source"]["path"]
+        src_record, _, src_sd = load_source(source)
+        reference, candidate = reference_model(src_record, src_sd), build_model(GPTBatched, cfg, state_dict)
+    else:
+        cfg = config_from_record(record)
+        reference = reference_model(record, state_dict)
+        weights = convert_state_dict(state_dict, cfg) if record["format"] == "small" else state_dict
+        candidate = build_model(GPTBatched, cfg, weights)
+    return logit_check(reference, candidate, cfg.vocab_size, settings)
+
+
+def load_pretrained_checkpoint(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """``model, info, checkpoint`` for a small source, a medium source or a converted file.
+
+    Drop-in for the lab's helper: ``model(input_ids)`` takes [B, T] token ids and returns fp32
+    soft-capped logits [B, T, padded_vocab]; ``info["format"]`` is "small" or "medium".
+    """
+    record, obj, state_dict = load_source(path)
+    if record["format"] == CONVERTED_FORMAT:
+        cfg = GPTBatchedConfig.from_dict(obj["config"])
+        fmt, variant = obj["source"]["format"], obj["source"].get("variant", "")
+    else:
+        cfg = config_from_record(record)
+        fmt, variant = record["format"], record.get("variant", "")
+        if fmt == "small":
+            state_dict = convert_state_dict(state_dict, cfg)
+    model = build_model(GPTBatched, cfg, state_dict)
+    # mmap-backed tensors become real memory on the target device/dtype here.
+    model.to(device)
+    prepare_dtype(model, dtype)
+    info = {
+        "format": fmt,
+        "variant": variant,
+        "step": obj.get("step") if isinstance(obj, dict) else record.get("step"),
+        "config": cfg.to_dict(),
+        "path": os.path.abspath(path),
+        "converted_file": record["format"] == CONVERTED_FORMAT,
+        "label": f"{fmt} (from train_gpt_{fmt}.py)",
+    }
+    log.info("Format: %s", info["label"])
+    return model, info, obj

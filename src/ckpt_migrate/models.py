@@ -1,0 +1,315 @@
+"""Faithful forwards of the lab's two GPT families, and GPTBatched, which runs either.
+
+- :class:`GPTFlexAttention`: train_gpt_small.py's model in its own parameter layout
+  (``qkv_w`` + ``c_proj``, ``c_fc``/``c_proj``, ``lm_head``; v1 separate scalars or v2 packed).
+- :class:`GPTBatched`: the lab's evaluation layout (train_gpt_medium.py's names: ``qkvo_w``,
+  ``fc_w``, ``proj_w``, ``lm_head_w``, packed ``scalars``), configured by
+  :class:`~ckpt_migrate.families.GPTBatchedConfig` to reproduce either family. With
+  ``attention="flex"`` it is the medium family's training-time reference.
+
+Both take token ids ``[B, T]`` and return float32 logits ``[B, T, padded_vocab]`` after the
+family's soft-cap: the numbers the validation loss saw. The flex path builds block masks whose
+``mask_mod`` carries the sliding window itself (eager flex ignores a block mask's block counts,
+upstream put the window only there); the sdpa path uses the same rule as a dense boolean mask.
+Computation runs in the embedding dtype and every weight is cast to it at use, as upstream does:
+fp32 models compute in fp32 throughout, bf16 embeddings give the training-time bf16 flow.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .families import HEAD_DIM, NO_ATTENTION_LAYER, WINDOW_BLOCK, GPTBatchedConfig
+
+ATTN_SCALE = 0.12  # both scripts replace head_dim ** -0.5 by this constant
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """RMS norm over the last dim, no weight (upstream's ``norm``)."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary(x: torch.Tensor) -> torch.Tensor:
+    """Half-truncated RoPE on ``x`` (B, T, H, hd), computed in fp32 as upstream does."""
+    T, hd = x.size(1), x.size(3)
+    freq = (1 / 1024) ** torch.linspace(0, 1, steps=hd // 4, dtype=torch.float32, device=x.device)
+    freq = torch.cat([freq, freq.new_zeros(hd // 4)])
+    theta = torch.outer(torch.arange(T, dtype=torch.float32, device=x.device), freq)
+    cos, sin = theta.cos()[None, :, None, :], theta.sin()[None, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos), dim=-1).type_as(x)
+
+
+def document_ids(input_ids: torch.Tensor, eot_token: int | None) -> torch.Tensor:
+    """Per-token document index (B, T): attention never crosses an end-of-text token."""
+    if eot_token is None:
+        return torch.zeros_like(input_ids)
+    return (input_ids == eot_token).cumsum(-1)
+
+
+def allowed(q_idx, kv_idx, same_doc, window_blocks: int):
+    """Upstream's attention rule: causal, same document, key block within the window."""
+    in_window = (q_idx // WINDOW_BLOCK) - (kv_idx // WINDOW_BLOCK) < window_blocks
+    return (q_idx >= kv_idx) & same_doc & in_window
+
+
+def dense_mask(input_ids: torch.Tensor, eot_token: int | None, window_blocks: int) -> torch.Tensor:
+    """(B, 1, T, T) boolean mask for scaled_dot_product_attention."""
+    docs = document_ids(input_ids, eot_token)  # (B, T)
+    pos = torch.arange(input_ids.size(1), device=input_ids.device)
+    same_doc = docs[:, :, None] == docs[:, None, :]  # (B, T, T)
+    return allowed(pos[:, None], pos[None, :], same_doc, window_blocks)[:, None]
+
+
+def flex_block_mask(input_ids: torch.Tensor, eot_token: int | None, window_blocks: int):
+    """Flex-attention BlockMask for the same rule as :func:`dense_mask`."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    docs = document_ids(input_ids, eot_token)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed(q_idx, kv_idx, docs[b, q_idx] == docs[b, kv_idx], window_blocks)
+
+    B, T = input_ids.shape
+    return create_block_mask(mask_mod, B, None, T, T, device=input_ids.device)
+
+
+def attend(q, k, v, mask) -> torch.Tensor:
+    """Attention over (B, H, T, hd) with either a flex BlockMask or a dense boolean mask."""
+    if isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ATTN_SCALE)
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    with warnings.catch_warnings():  # eager flex warns that it is unfused; that is intended here
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(q, k, v, block_mask=mask, scale=ATTN_SCALE)
+
+
+def softcap(z: torch.Tensor, family: str, model_dim: int) -> torch.Tensor:
+    """The family's logit soft-cap, applied to fp32 logits."""
+    if family == "small":
+        return 30 * torch.sigmoid(z / (7.5 * model_dim**0.5))
+    return 15 * z * torch.rsqrt(z.square() + 225)
+
+
+def _uniform(*shape: int) -> nn.Parameter:
+    """A parameter with upstream's init scale (0.5 / sqrt(fan_in) std, uniform)."""
+    bound = math.sqrt(3) * 0.5 * shape[-1] ** -0.5
+    return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
+
+
+class Attention(nn.Module):
+    """Attention shared by both layouts; subclasses say where q, k, v and out live."""
+
+    def __init__(self, num_heads: int, head_dim: int, norm_v: bool):
+        super().__init__()
+        self.num_heads, self.head_dim, self.norm_v = num_heads, head_dim, norm_v
+
+    def qkv_weight(self) -> torch.Tensor:  # (3 * hdim, D)
+        raise NotImplementedError
+
+    def out_weight(self) -> torch.Tensor:  # (D, hdim)
+        raise NotImplementedError
+
+    def forward(self, x, ve, sa_lambdas, mask):
+        B, T, _ = x.shape  # (B, T, D)
+        qkv = F.linear(x, self.qkv_weight().to(x.dtype))  # (B, T, 3 * hdim)
+        q, k, v = qkv.view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)  # (B, T, H, hd)
+        q, k = rotary(norm(q)), rotary(norm(k))
+        if self.norm_v:
+            v = norm(v)
+        v = sa_lambdas[0] * v + sa_lambdas[1] * ve.view_as(v) if ve is not None else sa_lambdas[0] * v
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, hdim)
+        return F.linear(y, self.out_weight().to(x.dtype))  # (B, T, D)
+
+
+class SmallAttention(Attention):
+    """train_gpt_small.py's attention: ``qkv_w`` [3, hdim, D] and ``c_proj.weight`` [D, hdim]."""
+
+    def __init__(self, dim: int, num_heads: int, separate_lambdas: bool):
+        super().__init__(num_heads, HEAD_DIM, norm_v=False)
+        hdim = num_heads * HEAD_DIM
+        self.qkv_w = _uniform(3, hdim, dim)
+        self.c_proj = nn.Linear(hdim, dim, bias=False)
+        if separate_lambdas:  # v1 keeps the value-mix lambdas here; v2 packs them into scalars
+            self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
+
+    def qkv_weight(self):
+        return self.qkv_w.flatten(end_dim=1)
+
+    def out_weight(self):
+        return self.c_proj.weight
+
+
+class PackedAttention(Attention):
+    """train_gpt_medium.py's (and GPTBatched's) attention: ``qkvo_w`` [4, hdim, D], slot 3 = out."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, norm_v: bool):
+        super().__init__(num_heads, head_dim, norm_v)
+        self.qkvo_w = _uniform(4, num_heads * head_dim, dim)
+
+    def qkv_weight(self):
+        return self.qkvo_w[:3].flatten(end_dim=1)
+
+    def out_weight(self):
+        return self.qkvo_w[3]
+
+
+class SmallMLP(nn.Module):
+    """proj(relu(fc(x))²) with ``c_fc``/``c_proj`` linear layers (small layout)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.c_fc = nn.Linear(dim, hidden, bias=False)
+        self.c_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):  # (B, T, D)
+        h = F.relu(F.linear(x, self.c_fc.weight.to(x.dtype))).square()  # (B, T, hidden)
+        return F.linear(h, self.c_proj.weight.to(x.dtype))
+
+
+class PackedMLP(nn.Module):
+    """proj(relu(fc(x))²) with raw ``fc_w``/``proj_w`` parameters (medium layout)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc_w = _uniform(hidden, dim)
+        self.proj_w = _uniform(dim, hidden)
+
+    def forward(self, x):  # (B, T, D)
+        h = F.relu(F.linear(x, self.fc_w.to(x.dtype))).square()  # (B, T, hidden)
+        return F.linear(h, self.proj_w.to(x.dtype))
+
+
+class Block(nn.Module):
+    """x = l0·x + l1·x0; x += attn(norm(x) or x); x += mlp(norm(x))."""
+
+    def __init__(self, attn: Attention | None, mlp: nn.Module, norm_attn_input: bool,
+                 separate_lambdas: bool = False):
+        super().__init__()
+        self.attn = attn
+        self.mlp = mlp
+        self.norm_attn_input = norm_attn_input
+        if separate_lambdas:  # small v1 keeps the residual-mix lambdas per block
+            self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))
+
+    def forward(self, x, x0, ve, lambdas, sa_lambdas, mask):  # x, x0: (B, T, D)
+        x = lambdas[0] * x + lambdas[1] * x0
+        if self.attn is not None:
+            x = x + self.attn(norm(x) if self.norm_attn_input else x, ve, sa_lambdas, mask)
+        return x + self.mlp(norm(x))
+
+
+class _GPT(nn.Module):
+    """Embeddings, the layer loop with the family's skips, and the soft-capped head."""
+
+    def __init__(self, cfg: GPTBatchedConfig, attention: str):
+        super().__init__()
+        if attention not in ("flex", "sdpa"):
+            raise ValueError(f"attention must be 'flex' or 'sdpa', not {attention!r}")
+        self.cfg = cfg
+        self.attention = attention
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.model_dim) for _ in range(3))
+
+    def head_weight(self) -> torch.Tensor:  # (padded_vocab, D)
+        raise NotImplementedError
+
+    def packed_scalars(self) -> torch.Tensor:  # (5L,) in GPTBatched's layout
+        raise NotImplementedError
+
+    def _masks(self, input_ids):
+        make = flex_block_mask if self.attention == "flex" else dense_mask
+        windows = {self.cfg.window_blocks(i) for i in range(self.cfg.num_layers)}
+        return {w: make(input_ids, self.cfg.eot_token, w) for w in windows}
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        cfg, L = self.cfg, self.cfg.num_layers
+        masks = self._masks(input_ids)
+        ve = [emb(input_ids) for emb in self.value_embeds]  # 3 x (B, T, D)
+        scalars = self.packed_scalars()
+        skip_w, lambdas, sa_lambdas = scalars[:L], scalars[L:3 * L].view(-1, 2), scalars[3 * L:5 * L].view(-1, 2)
+        x = x0 = norm(self.embed(input_ids))  # (B, T, D)
+        outputs: list[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            if cfg.fam.skip_map is None and i >= L // 2:  # small: U-net, layer i reads layer L-1-i
+                x = x + skip_w[i - L // 2] * outputs[L - 1 - i]
+            elif cfg.fam.skip_map is not None and i in cfg.fam.skip_map:
+                j = cfg.fam.skip_map[i]
+                x = x + skip_w[j] * outputs[j]
+            idx = cfg.value_embed_index(i)
+            x = block(x, x0, ve[idx] if idx is not None else None, lambdas[i], sa_lambdas[i],
+                      masks[cfg.window_blocks(i)])
+            outputs.append(x)
+        z = F.linear(norm(x), self.head_weight().to(x.dtype)).float()  # (B, T, padded_vocab)
+        return softcap(z, cfg.family, cfg.model_dim)
+
+
+class GPTFlexAttention(_GPT):
+    """train_gpt_small.py's model in its original layout (v1 or v2), flex attention by default."""
+
+    def __init__(self, cfg: GPTBatchedConfig, variant: str, attention: str = "flex",
+                 scalars_len: int | None = None):
+        super().__init__(cfg, attention)
+        if cfg.family != "small" or variant not in ("v1", "v2"):
+            raise ValueError(f"GPTFlexAttention takes the small family, v1 or v2 (got {cfg.family}/{variant})")
+        self.variant = variant
+        v1 = variant == "v1"
+        self.blocks = nn.ModuleList(
+            Block(SmallAttention(cfg.model_dim, cfg.num_heads, v1) if i in cfg.attn_layers else None,
+                  SmallMLP(cfg.model_dim, cfg.mlp_dim), norm_attn_input=True, separate_lambdas=v1)
+            for i in range(cfg.num_layers))
+        self.lm_head = nn.Linear(cfg.model_dim, cfg.padded_vocab, bias=False)
+        if v1:
+            self.skip_weights = nn.Parameter(torch.ones(cfg.num_layers // 2))
+        else:
+            # v2 pads the packed scalars to a multiple of the training world size.
+            self.scalars = nn.Parameter(torch.ones(scalars_len or 5 * cfg.num_layers))
+
+    def head_weight(self):
+        return self.lm_head.weight
+
+    def packed_scalars(self):
+        if self.variant == "v2":
+            return self.scalars[: 5 * self.cfg.num_layers]  # drop v2's world-size padding
+        L = self.cfg.num_layers
+        unused = torch.ones(L - L // 2, device=self.skip_weights.device)  # small reads only L/2 skips
+        no_attn = torch.tensor([0.5, 0.5], device=self.skip_weights.device)  # layer 7 has no attention
+        return torch.cat([
+            self.skip_weights.float(), unused,
+            *[b.lambdas.float() for b in self.blocks],
+            *[b.attn.lambdas.float() if b.attn is not None else no_attn for b in self.blocks],
+        ])
+
+
+class GPTBatched(_GPT):
+    """The evaluation model: medium layout, either family's forward, batched sdpa attention."""
+
+    def __init__(self, cfg: GPTBatchedConfig, attention: str = "sdpa"):
+        super().__init__(cfg, attention)
+        fam = cfg.fam
+        self.blocks = nn.ModuleList(
+            Block(PackedAttention(cfg.model_dim, cfg.num_heads, cfg.head_dim, fam.norm_v)
+                  if i in cfg.attn_layers else None,
+                  PackedMLP(cfg.model_dim, cfg.mlp_dim), norm_attn_input=fam.norm_attn_input)
+            for i in range(cfg.num_layers))
+        self.lm_head_w = nn.Parameter(torch.zeros(cfg.padded_vocab, cfg.model_dim))
+        self.scalars = nn.Parameter(torch.ones(5 * cfg.num_layers))
+
+    def head_weight(self):
+        return self.lm_head_w
+
+    def packed_scalars(self):
+        return self.scalars
+
+
+__all__ = ["GPTBatched", "GPTFlexAttention", "NO_ATTENTION_LAYER", "dense_mask", "flex_block_mask"]

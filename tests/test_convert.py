@@ -1,0 +1,192 @@
+"""Conversion small -> GPTBatched: mapping, refusals, logit parity, atomic output, loader API."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import torch
+
+from ckpt_migrate import load_pretrained_checkpoint, synthetic
+from ckpt_migrate.check import CheckSettings
+from ckpt_migrate.convert import ConversionError, UnmappedKeyError, convert_state_dict
+from ckpt_migrate.detect import config_from_record, detect
+from ckpt_migrate.migrate import build_model, check_file, convert_file, load_source, reference_model
+from ckpt_migrate.models import GPTBatched
+from ckpt_migrate.check import logit_check
+
+from .conftest import VOCAB, write
+
+# 512 tokens = 4 blocks: beyond the step-100 windows (2 long, 1 short), so the windows bite.
+SETTINGS = CheckSettings(batch=2, length=512, seed=7)
+
+
+def _converted(path):
+    record, _, small = load_source(path)
+    cfg = config_from_record(record)
+    return record, small, cfg, convert_state_dict(small, cfg)
+
+
+def test_mapping_v2(small_v2_path):
+    _, small, cfg, out = _converted(small_v2_path)
+    assert torch.equal(out["blocks.0.attn.qkvo_w"][:3], small["blocks.0.attn.qkv_w"])
+    assert torch.equal(out["blocks.0.attn.qkvo_w"][3], small["blocks.0.attn.c_proj.weight"])
+    assert torch.equal(out["blocks.4.mlp.fc_w"], small["blocks.4.mlp.c_fc.weight"])
+    assert torch.equal(out["blocks.4.mlp.proj_w"], small["blocks.4.mlp.c_proj.weight"])
+    assert torch.equal(out["lm_head_w"], small["lm_head.weight"])
+    assert torch.equal(out["scalars"], small["scalars"][:60])  # world-size padding dropped
+    assert "blocks.7.attn.qkvo_w" not in out
+    # dtypes kept: bf16 embeddings, fp32 linears (no silent downcast to medium's bf16)
+    assert out["embed.weight"].dtype == torch.bfloat16 and out["blocks.0.attn.qkvo_w"].dtype == torch.float32
+
+
+def test_mapping_v1_packs_scalars(small_v1_path):
+    _, small, cfg, out = _converted(small_v1_path)
+    L, s = 12, out["scalars"]
+    assert s.shape == (60,)
+    assert torch.equal(s[:6], small["skip_weights"]) and torch.equal(s[6:12], torch.ones(6))
+    assert torch.equal(s[L + 2 * 3: L + 2 * 3 + 2], small["blocks.3.lambdas"])
+    assert torch.equal(s[3 * L + 2 * 9: 3 * L + 2 * 9 + 2], small["blocks.9.attn.lambdas"])
+    assert torch.equal(s[3 * L + 14: 3 * L + 16], torch.tensor([0.5, 0.5]))  # layer 7: unused default
+
+
+def test_unmapped_key_raises_with_its_name(small_v2_path):
+    _, small, cfg, _ = _converted(small_v2_path)
+    with pytest.raises(UnmappedKeyError, match="blocks.1.attn.rotary.cos"):
+        convert_state_dict({**small, "blocks.1.attn.rotary.cos": torch.zeros(4)}, cfg)
+
+
+def test_wrong_shape_raises_before_copy(small_v2_path):
+    _, small, cfg, _ = _converted(small_v2_path)
+    bad = {**small, "blocks.2.attn.c_proj.weight": torch.zeros(128, 64)}
+    with pytest.raises(ConversionError, match=r"blocks.2.attn.c_proj.weight: shape \[128, 64\]"):
+        convert_state_dict(bad, cfg)
+
+
+def test_hdim_not_model_dim_is_refused(tmp_path):
+    sd = synthetic.small_state_dict("v2", vocab=VOCAB, num_heads=2, model_dim=128)
+    path = write(tmp_path, "wide.pt", {"model": sd})
+    result = convert_file(path, str(tmp_path / "out.pt"), SETTINGS)
+    assert result["status"] == "failed" and "hdim 256 != model_dim 128" in result["reason"]
+    assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize("fixture", ["small_v1_path", "small_v2_path"])
+def test_convert_file_parity_and_output(request, tmp_path, fixture):
+    src = request.getfixturevalue(fixture)
+    before = os.stat(src)
+    dst = tmp_path / "converted" / "best_state_100.pt"
+    result = convert_file(src, str(dst), SETTINGS)
+    assert result["status"] == "converted", result.get("reason")
+    assert result["check_passed"] and result["max_abs_logit_diff"] < 1e-4  # fp32 noise
+    assert result["top1_agreement"] == 1.0 and result["kl"] < 1e-6
+    assert abs(result["loss_ref"] - result["loss_converted"]) < 1e-5
+    out = torch.load(dst, weights_only=True)
+    assert out["format"] == "gptbatched" and out["step"] == 100
+    assert out["source"]["path"] == os.path.abspath(src) and out["source"]["variant"] == fixture[6:8]
+    assert out["config"]["family"] == "small" and out["config"]["long_window_blocks"] == 2
+    assert "optimizers" not in out and out["optimizer_state"].startswith("not carried")
+    assert result["sha256"] and not [p for p in os.listdir(dst.parent) if ".tmp-" in p]
+    after = os.stat(src)
+    assert (before.st_mtime_ns, before.st_size) == (after.st_mtime_ns, after.st_size)
+
+
+def test_negative_control_wrong_mapping_fails_the_check(small_v2_path):
+    record, small, cfg, out = _converted(small_v2_path)
+    swapped = dict(out)
+    for i in cfg.attn_layers:  # stack c_proj transposed: shape-correct (hdim == D), semantically wrong
+        w = out[f"blocks.{i}.attn.qkvo_w"].clone()
+        w[3] = w[3].T.clone()
+        swapped[f"blocks.{i}.attn.qkvo_w"] = w
+    result = logit_check(reference_model(record, small), build_model(GPTBatched, cfg, swapped), cfg.vocab_size, SETTINGS)
+    assert not result["check_passed"] and result["max_abs_logit_diff"] > 1e-2
+
+
+def test_nan_weights_fail_the_check_and_publish_nothing(tmp_path):
+    sd = synthetic.small_state_dict("v2", vocab=VOCAB)
+    sd["blocks.3.mlp.c_fc.weight"][0, 0] = float("nan")
+    src = write(tmp_path, "nan.pt", synthetic.upstream_checkpoint(sd, "small"))
+    result = convert_file(src, str(tmp_path / "out.pt"), SETTINGS)
+    assert result["status"] == "failed" and "non-finite logits" in result["reason"]
+    assert os.listdir(tmp_path) == ["nan.pt"]
+
+
+def test_failed_write_leaves_nothing_at_the_final_path(small_v2_path, tmp_path, monkeypatch):
+    import ckpt_migrate.migrate as migrate
+
+    def broken_save(obj, f):
+        f.write(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(migrate.torch, "save", broken_save)
+    with pytest.raises(OSError, match="No space left"):
+        convert_file(small_v2_path, str(tmp_path / "out.pt"), SETTINGS)
+    assert os.listdir(tmp_path) == []
+
+
+def test_medium_reference_and_gptbatched_agree(medium_path):
+    result = check_file(medium_path, SETTINGS)
+    assert result["check_passed"] and result["max_abs_logit_diff"] < 1e-4
+
+
+def test_bf16_check_follows_training_dtype_flow(small_v2_path):
+    result = check_file(small_v2_path, CheckSettings(batch=1, length=256, dtype="bfloat16"))
+    assert result["check_passed"] and result["check_dtype"] == "bfloat16"
+    assert 0 < result["max_abs_logit_diff"] < 0.5 and result["top1_agreement"] > 0.9
+
+
+def test_loader_api_on_small_medium_and_converted(small_v2_path, medium_path, tmp_path):
+    dst = str(tmp_path / "conv.pt")
+    assert convert_file(small_v2_path, dst, SETTINGS)["status"] == "converted"
+    ids = torch.randint(0, VOCAB, (2, 256), generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for name, path in (("small", small_v2_path), ("converted", dst), ("medium", medium_path)):
+        model, info, checkpoint = load_pretrained_checkpoint(path, device="cpu", dtype=torch.float32)
+        assert isinstance(model, GPTBatched) and isinstance(checkpoint, dict)
+        assert info["format"] == ("medium" if name == "medium" else "small")
+        with torch.no_grad():
+            outputs[name] = model(ids)
+        assert outputs[name].dtype == torch.float32 and outputs[name].shape == (2, 256, 1024)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert torch.equal(outputs["small"], outputs["converted"])
+    model, _, _ = load_pretrained_checkpoint(medium_path, dtype=torch.bfloat16)
+    assert model.embed.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(ids).dtype == torch.float32
+
+
+def test_loader_refuses_unsafe_files(tmp_path):
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    path = write(tmp_path, "evil.pt", {"model": {"embed.weight": torch.zeros(1)}, "p": Payload()})
+    with pytest.raises(ValueError, match="unsafe.*os.system|unsafe.*posix.system"):
+        load_pretrained_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_cli_inspect_convert_check(small_v2_path, medium_path, tmp_path, python):
+    def cli(*args):
+        return subprocess.run([python, "-m", "ckpt_migrate.cli", *args], capture_output=True, text=True)
+
+    out = cli("inspect", small_v2_path)
+    assert out.returncode == 0 and out.stdout.splitlines()[0] == "Format: small (from train_gpt_small.py)"
+    out = cli("inspect", medium_path)
+    assert out.stdout.splitlines()[0] == "Format: medium (from train_gpt_medium.py)"
+    out = cli("inspect", "--json", medium_path)
+    assert '"format": "medium"' in out.stdout
+    dst = str(tmp_path / "c.pt")
+    out = cli("convert", small_v2_path, dst, "--length", "256")
+    assert out.returncode == 0 and "converted" in out.stdout and os.path.exists(dst)
+    out = cli("check", dst, "--length", "256")
+    assert out.returncode == 0 and "check passed" in out.stdout
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"")
+    out = cli("inspect", str(bad))
+    assert out.returncode == 1 and "Format: unreadable" in out.stdout and "empty file" in out.stdout
+    out = cli("check", str(bad))
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "empty file" in out.stderr

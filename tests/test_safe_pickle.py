@@ -1,0 +1,156 @@
+"""The restricted unpickler: tensors as stubs, no torch import, hostile globals refused unexecuted."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import subprocess
+import zipfile
+
+import pytest
+import torch
+
+from ckpt_migrate.detect import detect
+from ckpt_migrate.safe_pickle import TensorStub, inspect_archive
+
+
+def test_tensors_come_back_as_stubs_without_reading_bytes(small_v2_path):
+    found = inspect_archive(small_v2_path)
+    assert found.status == "ok", found.reason
+    model = found.obj["model"]
+    stub = model["_orig_mod.blocks.0.attn.qkv_w"]
+    assert isinstance(stub, TensorStub)
+    assert stub.dtype == "float32" and stub.shape == (3, 128, 128)
+    assert model["_orig_mod.embed.weight"].dtype == "bfloat16"
+    assert found.obj["step"] == 100 and "num_iterations = 1000" in found.obj["code"]
+    # The optimizer state is described too, but none of its bytes were needed.
+    muon_state = next(iter(found.obj["optimizers"][1]["state"].values()))
+    assert isinstance(muon_state["momentum_buffer"], TensorStub)
+
+
+def test_detection_does_not_import_torch(small_v2_path, python):
+    code = ("import sys; from ckpt_migrate.detect import detect; r = detect(sys.argv[1]); "
+            "print(r['format'], 'torch' in sys.modules)")
+    out = subprocess.run([python, "-c", code, small_v2_path], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["small", "False"]
+
+
+class _Payload:
+    """Pickles as a call of ``func(*args)``: what a hostile checkpoint does."""
+
+    def __init__(self, func, args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _hostile_checkpoint(path, payload) -> str:
+    torch.save({"model": {"embed.weight": torch.zeros(2, 2)}, "x": payload}, path)
+    return str(path)
+
+
+def _marker_cmd(marker) -> str:
+    return f"touch {marker}"
+
+
+HOSTILE = {
+    "os.system": lambda m: _Payload(os.system, (_marker_cmd(m),)),
+    "subprocess.Popen": lambda m: _Payload(subprocess.Popen, (["touch", str(m)],)),
+    "builtins.eval": lambda m: _Payload(eval, (f"open({str(m)!r}, 'w')",)),
+    "builtins.exec": lambda m: _Payload(exec, (f"open({str(m)!r}, 'w')",)),
+    "builtins.getattr": lambda m: _Payload(getattr, (_Payload(__import__, ("os",)), "system")),
+    "torch.load": lambda m: _Payload(torch.load, (str(m),)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_global_is_refused_and_never_runs(tmp_path, name):
+    marker = tmp_path / "PWNED"
+    path = _hostile_checkpoint(tmp_path / "evil.pt", HOSTILE[name](marker))
+    found = inspect_archive(path)
+    record = detect(path)
+    assert found.status == "unsafe" and record["status"] == "unsafe"
+    expected = {"os.system": "system", "torch.load": "torch.serialization.load"}.get(name, name)
+    assert expected in found.reason, found.reason
+    assert not marker.exists()
+
+
+def _zip_with_pickle(path, pkl: bytes) -> str:
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/version", "3\n")
+    return str(path)
+
+
+def test_posix_system_by_hand_written_pickle(tmp_path):
+    marker = tmp_path / "PWNED"
+    pkl = b"cposix\nsystem\n(V" + f"touch {marker}".encode() + b"\ntR."
+    found = inspect_archive(_zip_with_pickle(tmp_path / "p.pt", pkl))
+    assert found.status == "unsafe" and "posix.system" in found.reason
+    assert not marker.exists()
+
+
+def test_reduce_chain_through_allowed_names_cannot_build_a_callable(tmp_path):
+    # OrderedDict is allowed; using it as a stepping stone to reach os.system must still fail.
+    pkl = (b"\x80\x02ccollections\nOrderedDict\n)R" + b"cos\nsystem\n" + b"X\x04\x00\x00\x00true\x85R.")
+    found = inspect_archive(_zip_with_pickle(tmp_path / "chain.pt", pkl))
+    assert found.status == "unsafe" and "os.system" in found.reason
+
+
+def test_stack_global_with_unicode_names_is_refused(tmp_path):
+    buf = io.BytesIO()
+    pickle.Pickler(buf, protocol=4).dump(_Payload(os.system, ("true",)))
+    found = inspect_archive(_zip_with_pickle(tmp_path / "sg.pt", buf.getvalue()))
+    assert found.status == "unsafe"
+
+
+@pytest.mark.parametrize("cut", [0.1, 0.5, 0.9, 0.999])
+def test_truncated_files_are_unreadable(tmp_path, small_v2_path, cut):
+    data = open(small_v2_path, "rb").read()
+    path = tmp_path / "cut.pt"
+    path.write_bytes(data[: int(len(data) * cut)])
+    found = inspect_archive(str(path))
+    assert found.status == "unreadable" and "\n" not in found.reason and found.reason
+
+
+def test_cut_inside_the_pickle_is_unreadable(tmp_path, small_v2_path):
+    with zipfile.ZipFile(small_v2_path) as z:
+        name = next(n for n in z.namelist() if n.endswith("data.pkl"))
+        pkl = z.read(name)
+    found = inspect_archive(_zip_with_pickle(tmp_path / "half.pt", pkl[: len(pkl) // 2]))
+    assert found.status == "unreadable" and "damaged pickle" in found.reason
+
+
+def test_missing_storage_is_unreadable(tmp_path, small_v2_path):
+    with zipfile.ZipFile(small_v2_path) as z:
+        name = next(n for n in z.namelist() if n.endswith("data.pkl"))
+        pkl = z.read(name)
+    found = inspect_archive(_zip_with_pickle(tmp_path / "nostorage.pt", pkl))
+    assert found.status == "unreadable" and "missing from the archive" in found.reason
+
+
+@pytest.mark.parametrize("kind,expect", [
+    ("empty", "empty file"),
+    ("random", "not a zip archive"),
+    ("legacy", "legacy (non-zip) torch serialization"),
+    ("zip_without_pickle", "without data.pkl"),
+    ("directory", "is a directory"),
+])
+def test_bad_files_are_unreadable_with_one_line(tmp_path, kind, expect):
+    path = tmp_path / "bad.pt"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "random":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "legacy":
+        torch.save({"model": {"w": torch.zeros(2)}}, path, _use_new_zipfile_serialization=False)
+    elif kind == "zip_without_pickle":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("readme.txt", "hello")
+    elif kind == "directory":
+        path.mkdir()
+    found = inspect_archive(str(path))
+    assert found.status == "unreadable"
+    assert expect in found.reason and "\n" not in found.reason
