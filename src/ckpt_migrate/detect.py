@@ -14,12 +14,14 @@ import re
 from typing import Any
 
 from .families import (
+    EOT_TOKEN,
     FAMILIES,
     HEAD_DIM,
     NO_ATTENTION_LAYER,
     GPTBatchedConfig,
     gptbatched_expected_shapes,
     next_multiple,
+    eot_token_from_code,
     num_iterations_from_code,
     small_expected_shapes,
     window_blocks_at,
@@ -210,6 +212,7 @@ def detect(path: str) -> dict[str, Any]:
     record["step"] = int(step) if isinstance(step, int) and not isinstance(step, bool) else step_from_name(path)
     code = obj.get("code") if isinstance(obj, dict) else None
     record["num_iterations"] = num_iterations_from_code(code)
+    record["eot_token"] = eot_token_from_code(code) or EOT_TOKEN
     record["has_code"] = isinstance(code, str)
     record["has_optimizer_state"] = isinstance(obj, dict) and any(
         obj.get(k) not in (None, [], {}) for k in OPTIMIZER_KEYS)
@@ -274,4 +277,5 @@ def config_from_record(record: dict) -> GPTBatchedConfig:
         attn_layers=[i for i in range(record["num_layers"]) if i not in record["layers_without_attention"]],
         long_window_blocks=record["long_window_blocks"],
         window_source=record.get("window_source", ""),
+        eot_token=record.get("eot_token", EOT_TOKEN),
     )

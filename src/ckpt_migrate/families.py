@@ -72,6 +72,17 @@ def num_iterations_from_code(code: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
+_EOT_IN_CODE = re.compile(r"docs\s*=\s*\(\s*input_seq\s*==\s*(\d+)\s*\)")
+
+
+def eot_token_from_code(code: str | None) -> int | None:
+    """The document separator the training script split attention at (``input_seq == N``)."""
+    if not isinstance(code, str):
+        return None
+    match = _EOT_IN_CODE.search(code)
+    return int(match.group(1)) if match else None
+
+
 @dataclass
 class GPTBatchedConfig:
     """Everything GPTBatched needs to reproduce one family's forward; stored in converted files."""

@@ -17,6 +17,9 @@ import torch
 TRAINING_CODE = """# train_gpt_{family}.py (synthetic stand-in for the training script text)
 class Hyperparameters:
     num_iterations = {num_iterations} # number of iterations to run
+
+def create_blockmasks(self, input_seq, sliding_window_num_blocks):
+    docs = (input_seq == {eot_token}).cumsum(0)
 """
 
 
@@ -98,11 +101,11 @@ def optimizer_states(state_dict: dict[str, torch.Tensor]) -> list[dict]:
 
 
 def upstream_checkpoint(state_dict: dict[str, torch.Tensor], family: str, step: int = 1000,
-                        num_iterations: int = 1000, optimizers: bool = True) -> dict:
+                        num_iterations: int = 1000, optimizers: bool = True, eot_token: int = 50256) -> dict:
     """``dict(step, code, model, optimizers)`` with the torch.compile ``_orig_mod.`` prefix."""
     return {
         "step": step,
-        "code": TRAINING_CODE.format(family=family, num_iterations=num_iterations),
+        "code": TRAINING_CODE.format(family=family, num_iterations=num_iterations, eot_token=eot_token),
         "model": {f"_orig_mod.{k}": v for k, v in state_dict.items()},
         "optimizers": optimizer_states(state_dict) if optimizers else [],
     }

@@ -1,0 +1,202 @@
+"""End to end: Snakemake itself (local executor, 2 cores) on generated trees."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from ckpt_migrate import load_pretrained_checkpoint, synthetic
+from ckpt_migrate.pipeline import read_report
+
+from .conftest import VOCAB
+from .pipeline_helpers import REPO, SNAKEMAKE, job_counts, make_read_only, make_writable, snakemake, tree_state
+
+import subprocess
+
+
+def _small(path, variant="v2", seed=0, step=100, **kw):
+    sd = synthetic.small_state_dict(variant, vocab=VOCAB, seed=seed)
+    return synthetic.save(synthetic.upstream_checkpoint(sd, "small", step=step, **kw), path)
+
+
+def _medium(path, seed=0):
+    sd = synthetic.medium_state_dict(vocab=VOCAB, seed=seed)
+    return synthetic.save(synthetic.upstream_checkpoint(sd, "medium", step=100), path)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """A clean_bbpe_50k-like tree: 3 small (v1 and v2), 1 medium, and one of each bad kind."""
+    root = tmp_path_factory.mktemp("scratch") / "clean_bbpe_50k"
+    _small(root / "eng_spa_owt_run_1/best_state_100.pt", "v2", seed=1)
+    _small(root / "eng_spa_owt_run_2/best_state_200.pt", "v1", seed=2, step=200)
+    _small(root / "rus_pol_owt_run_1/best_state_100.pt", "v2", seed=3)
+    _medium(root / "hin_urd_owt_run_1/best_state_100.pt", seed=4)
+    (root / "tam_mal_owt_run_1").mkdir()
+    (root / "tam_mal_owt_run_1/best_state_50.pt").write_bytes(b"")  # unreadable
+    synthetic.save({"model": {"embed.weight": torch.zeros(2, 2)}, "x": _Payload()},
+                   str(root / "tam_mal_owt_run_2/best_state_60.pt"))  # unsafe
+    synthetic.save({"model": {"w": torch.zeros(2)}}, str(root / "tam_mal_owt_run_3/best_state_70.pt"))  # unknown
+    return root
+
+
+class _Payload:
+    def __reduce__(self):
+        return os.system, ("touch /tmp/ckpt_migrate_PWNED",)
+
+
+EXPECTED = {
+    "eng_spa_owt_run_1/best_state_100.pt": "converted",
+    "eng_spa_owt_run_2/best_state_200.pt": "converted",
+    "hin_urd_owt_run_1/best_state_100.pt": "not_needed",
+    "rus_pol_owt_run_1/best_state_100.pt": "converted",
+    "tam_mal_owt_run_1/best_state_50.pt": "unreadable",
+    "tam_mal_owt_run_2/best_state_60.pt": "unsafe",
+    "tam_mal_owt_run_3/best_state_70.pt": "unknown",
+}
+
+
+@pytest.fixture(scope="module")
+def first_run(tree, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    before = tree_state(str(tree))
+    make_read_only(str(tree))
+    proc = snakemake(str(tree), str(out))
+    return tree, out, proc, before
+
+
+def test_report_has_one_row_per_checkpoint(first_run):
+    tree, out, proc, _ = first_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["relative_path"]: r for r in read_report(str(out / "report.csv"))}
+    assert {k: r["status"] for k, r in rows.items()} == EXPECTED
+    assert rows["eng_spa_owt_run_1/best_state_100.pt"]["lang_pair"] == "eng_spa"
+    assert rows["eng_spa_owt_run_2/best_state_200.pt"]["run"] == "2"
+    assert rows["eng_spa_owt_run_2/best_state_200.pt"]["variant"] == "v1"
+    assert rows["hin_urd_owt_run_1/best_state_100.pt"]["direct_load_ok"] == "True"
+    assert "disallowed global" in rows["tam_mal_owt_run_2/best_state_60.pt"]["reason"]
+    assert rows["tam_mal_owt_run_1/best_state_50.pt"]["reason"] == "empty file"
+    for rel, row in rows.items():
+        if row["status"] == "converted":
+            assert row["check_passed"] == "True" and float(row["max_abs_logit_diff"]) < 1e-4
+            assert row["check_dtype"] == "float32" and row["check_device"] == "cpu"
+            assert float(row["top1_agreement"]) == 1.0 and row["converted_sha256"]
+    assert not os.path.exists("/tmp/ckpt_migrate_PWNED")
+    # The summary is printed at the end.
+    assert "7 checkpoints: 3 converted, 1 not_needed, 1 unknown, 1 unreadable, 1 unsafe" in proc.stdout + proc.stderr
+
+
+def test_only_small_files_got_conversion_jobs(first_run):
+    tree, out, proc, _ = first_run
+    assert job_counts(proc.stdout + proc.stderr)["convert"] == 3
+    assert job_counts(proc.stdout + proc.stderr)["detect"] == 7
+    checks = sorted(os.path.relpath(os.path.join(d, f), out / "checks")
+                    for d, _, fs in os.walk(out / "checks") for f in fs)
+    assert checks == ["eng_spa_owt_run_1/best_state_100.yaml", "eng_spa_owt_run_2/best_state_200.yaml",
+                      "rus_pol_owt_run_1/best_state_100.yaml"]
+
+
+def test_converted_files_load_with_parity(first_run):
+    tree, out, _, _ = first_run
+    ids = torch.randint(0, VOCAB, (2, 512), generator=torch.Generator().manual_seed(3))
+    for rel in ("eng_spa_owt_run_1/best_state_100", "eng_spa_owt_run_2/best_state_200"):
+        converted, info, _ = load_pretrained_checkpoint(str(out / "converted" / f"{rel}.pt"))
+        source, _, _ = load_pretrained_checkpoint(str(tree / f"{rel}.pt"))
+        assert info["format"] == "small"
+        with torch.no_grad():
+            assert torch.equal(converted(ids), source(ids))
+
+
+def test_input_tree_is_untouched(first_run):
+    tree, _, _, before = first_run
+    make_writable(str(tree))
+    try:
+        after = tree_state(str(tree))
+    finally:
+        make_read_only(str(tree))
+    # Only the write bits we removed ourselves differ.
+    strip = lambda s: {k: v[:3] + (v[4],) for k, v in s.items()}  # noqa: E731
+    assert strip(after) == strip(before)
+
+
+def test_rerun_with_nothing_new_schedules_nothing(first_run):
+    tree, out, _, _ = first_run
+    proc = snakemake(str(tree), str(out), "-n")
+    assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_lint_is_clean(first_run):
+    tree, out, _, _ = first_run
+    proc = snakemake(str(tree), str(out), "--lint")
+    assert proc.returncode == 0 and "Congratulations" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_missing_input_root_is_one_clear_line(tmp_path):
+    proc = snakemake(str(tmp_path / "nope"), str(tmp_path / "out"), "-n")
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert f"input_root {tmp_path / 'nope'} does not exist" in text and "Traceback" not in text
+
+
+def test_incremental_new_run_replaced_file_and_file_completed_later(tmp_path):
+    root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
+    _small(root / "eng_spa_owt_run_1/best_state_100.pt", seed=1)
+    _medium(root / "hin_urd_owt_run_1/best_state_100.pt", seed=2)
+    # A checkpoint still being written: a prefix of the real file.
+    partial = root / "rus_pol_owt_run_1/best_state_100.pt"
+    whole = tmp_path / "whole.pt"
+    _small(whole, seed=3)
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(whole.read_bytes()[:100000])
+    proc = snakemake(str(root), str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    statuses = {r["relative_path"]: r["status"] for r in read_report(str(out / "report.csv"))}
+    assert statuses["rus_pol_owt_run_1/best_state_100.pt"] == "unreadable"
+
+    # A new run directory lands: only its detection and conversion, plus plan/report/gate.
+    _small(root / "eng_spa_owt_run_2/best_state_100.pt", seed=4)
+    proc = snakemake(str(root), str(out))
+    assert proc.returncode == 0
+    assert job_counts(proc.stdout + proc.stderr) == {"all": 1, "convert": 1, "detect": 1, "gate": 1,
+                                                     "plan": 1, "report": 1}
+    assert "eng_spa_owt_run_2/best_state_100" in proc.stdout + proc.stderr
+
+    # The partial file completes (new mtime): it is detected again and converted.
+    shutil.copyfile(whole, partial)
+    proc = snakemake(str(root), str(out))
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts["detect"] == 1 and counts["convert"] == 1
+    statuses = {r["relative_path"]: r["status"] for r in read_report(str(out / "report.csv"))}
+    assert statuses["rus_pol_owt_run_1/best_state_100.pt"] == "converted"
+
+    # A replaced checkpoint (new mtime, new weights) is redone, and the output follows it.
+    first = root / "eng_spa_owt_run_1/best_state_100.pt"
+    old_sha = {r["relative_path"]: r["converted_sha256"] for r in read_report(str(out / "report.csv"))}
+    _small(first, seed=99)
+    proc = snakemake(str(root), str(out))
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts.get("detect") == 1 and counts.get("convert") == 1, proc.stdout + proc.stderr
+    new_sha = {r["relative_path"]: r["converted_sha256"] for r in read_report(str(out / "report.csv"))}
+    assert new_sha["eng_spa_owt_run_1/best_state_100.pt"] != old_sha["eng_spa_owt_run_1/best_state_100.pt"]
+    assert "Nothing to be done" in snakemake(str(root), str(out), "-n").stdout
+
+
+def test_failed_check_writes_report_then_exits_nonzero(tmp_path):
+    root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
+    _small(root / "eng_spa_owt_run_1/best_state_100.pt", seed=1)
+    sd = synthetic.small_state_dict("v2", vocab=VOCAB, seed=2)
+    sd["blocks.2.mlp.c_fc.weight"][3, 3] = float("inf")
+    synthetic.save(synthetic.upstream_checkpoint(sd, "small", step=100), str(root / "eng_spa_owt_run_2/best_state_100.pt"))
+    proc = snakemake(str(root), str(out))
+    assert proc.returncode != 0
+    rows = {r["relative_path"]: r for r in read_report(str(out / "report.csv"))}
+    assert rows["eng_spa_owt_run_1/best_state_100.pt"]["status"] == "converted"
+    bad = rows["eng_spa_owt_run_2/best_state_100.pt"]
+    assert bad["status"] == "failed" and "non-finite logits" in bad["reason"] and bad["check_passed"] == "False"
+    assert not (out / "converted/eng_spa_owt_run_2/best_state_100.pt").exists()
+    assert "1 checkpoint(s) failed" in proc.stdout + proc.stderr
+    ok = snakemake(str(root), str(out), config={"allow_check_failures": "True"})
+    assert ok.returncode == 0, ok.stderr[-2000:]

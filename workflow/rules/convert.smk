@@ -1,0 +1,30 @@
+# Conversion: one job per small-format checkpoint, on a GPU where the executor gives one.
+# The check record is the rule's output; the converted .pt is published by the job only when
+# the logit check passes, so a failed check is a finished job with a "failed" record (a
+# failing member would fail its whole SLURM job group and remove the others' outputs).
+
+
+rule convert:
+    input:
+        source=source_path,
+        manifest=f"{OUT}/manifests/{{ckpt}}.yaml",
+    output:
+        check=f"{OUT}/checks/{{ckpt}}.yaml",
+    params:
+        converted=converted_path,
+        check=CHECK_SETTINGS,
+        # rerun-triggers track params, not imported library code: a new converter reruns.
+        version=CONVERTER_VERSION,
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=30,
+    threads: 4
+    conda:
+        "../envs/ckpt_migrate.yaml"
+    log:
+        f"{OUT}/logs/convert/{{ckpt}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/convert/{{ckpt}}.tsv"
+    script:
+        "../scripts/convert.py"

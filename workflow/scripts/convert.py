@@ -1,0 +1,6 @@
+"""Snakemake job: convert one small checkpoint, check its logits, write the check record."""
+from ckpt_migrate.pipeline import job_logging, run_conversion
+
+job_logging(snakemake.log[0])
+run_conversion(snakemake.input.source, snakemake.input.manifest, snakemake.params.converted,
+               snakemake.output.check, dict(snakemake.params.check))
