@@ -53,3 +53,22 @@ def python():
 
 def pytest_configure(config):
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real one-node SLURM cluster (slurmctld + slurmd + munge) for the session.
+
+    In CI (CI=true) it must come up; elsewhere, a machine without root or the packages skips.
+    """
+    from .slurm_cluster import ClusterUnavailable, start, stop
+
+    workdir = str(tmp_path_factory.mktemp("slurm"))
+    try:
+        env = start(workdir)
+    except ClusterUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the SLURM tests must run in CI, but the cluster cannot start: {exc}")
+        pytest.skip(f"no SLURM test cluster on this machine: {exc}")
+    yield env
+    stop(workdir)

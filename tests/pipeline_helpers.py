@@ -25,7 +25,7 @@ def snakemake(input_root: str, output_root: str, *extra: str, config: dict | Non
 def job_counts(output: str) -> dict[str, int]:
     """Jobs per rule that Snakemake ran (or, with -n, would run), from its job headers."""
     counts: dict[str, int] = {}
-    for match in re.finditer(r"^(?:local)?(?:rule|checkpoint) (\w+):$", output, re.MULTILINE):
+    for match in re.finditer(r"^\s*(?:local)?(?:rule|checkpoint) (\w+):$", output, re.MULTILINE):
         counts[match.group(1)] = counts.get(match.group(1), 0) + 1
     return counts
 

@@ -7,7 +7,6 @@ no code runs); only a file that inspects as a known family is then opened with
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import time
@@ -79,7 +78,6 @@ def converted_payload(record: dict, state_dict: dict[str, torch.Tensor], cfg: GP
         "converter_version": __version__,
         "optimizer_state": ("not carried (the source has optimizer state)" if had_optimizer
                             else "not carried (the source has none)"),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 

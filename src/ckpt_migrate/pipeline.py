@@ -70,12 +70,25 @@ def write_yaml(path: str, data: dict) -> None:
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120))
 
 
+def job_environment() -> dict[str, str]:
+    """Where this job ran: host, and the SLURM job, partition and GPUs when under SLURM."""
+    import socket
+
+    env = {"host": socket.gethostname()}
+    for key, var in (("slurm_job_id", "SLURM_JOB_ID"), ("slurm_partition", "SLURM_JOB_PARTITION"),
+                     ("cuda_visible_devices", "CUDA_VISIBLE_DEVICES")):
+        if os.environ.get(var):
+            env[key] = os.environ[var]
+    return env
+
+
 def write_manifest(src: str, relative_path: str, manifest_path: str) -> dict:
     """Detect the format of ``src`` and write its manifest; bad files give a manifest, not an error."""
     from .detect import detect
 
     record = detect(src)
-    record = {"relative_path": relative_path, "detector_version": __version__, **record}
+    record = {"relative_path": relative_path, "detector_version": __version__, **record,
+              "detected_on": job_environment()}
     write_yaml(manifest_path, record)
     log.info("%s: %s %s %s", relative_path, record["format"], record.get("variant", ""), record.get("reason", ""))
     return record
@@ -120,7 +133,7 @@ def run_conversion(src: str, manifest_path: str, converted_path: str, check_path
     if result["status"] != "converted" and os.path.exists(converted_path):
         # A previous good conversion of an older file must not stand for this one.
         os.unlink(converted_path)
-    result = {"relative_path": manifest.get("relative_path", ""), **result}
+    result = {"relative_path": manifest.get("relative_path", ""), **result, "converted_on": job_environment()}
     write_yaml(check_path, result)
     log.info("%s: %s %s", src, result["status"], result.get("reason", ""))
     return result
