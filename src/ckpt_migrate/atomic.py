@@ -18,6 +18,7 @@ def atomic_open(path: str) -> Iterator[BinaryIO]:
     """Open a temporary file beside ``path``; on success it is fsynced and renamed onto ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    _remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -30,6 +31,18 @@ def atomic_open(path: str) -> Iterator[BinaryIO]:
             os.unlink(tmp)
         raise
     _fsync_dir(folder)
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Temporary files of earlier writers of ``path`` that were killed (SIGKILL, node failure).
+    Only one writer of a given output runs at a time (Snakemake locks its outputs)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    prefix = f".{name}.tmp-"
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(folder):
+            if entry.startswith(prefix):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, entry))
 
 
 def _fsync_dir(folder: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .detect import FORMAT_LABELS, detect
@@ -89,6 +90,30 @@ def cmd_check(args) -> int:
     return 0 if result["check_passed"] else 1
 
 
+def cmd_verify_outputs(args) -> int:
+    from .pipeline import verify_outputs
+
+    settings = {"batch": args.batch, "length": args.length, "seed": args.seed, "dtype": args.dtype,
+                "tolerance": args.tolerance, "device": args.device}
+    verified, problems = verify_outputs(args.output_root, recheck=args.recheck, settings=settings)
+    for line in problems:
+        print(line)
+    print(f"{verified} converted file(s) match their records; {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def cmd_report(args) -> int:
+    from .pipeline import read_report, summarize
+
+    path = os.path.join(args.output_root, "report.csv")
+    if not os.path.exists(path):
+        print(f"error: {path} does not exist (has the pipeline run on this output folder?)", file=sys.stderr)
+        return 2
+    print(f"report: {os.path.abspath(path)}")
+    print(summarize(read_report(path)))
+    return 0
+
+
 def cmd_demo_tree(args) -> int:
     from .synthetic import make_demo_tree
 
@@ -127,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     _add_check_options(p)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("verify-outputs", help="recheck converted files against their records and hashes")
+    p.add_argument("output_root")
+    p.add_argument("--recheck", action="store_true", help="also rerun the logit check against each source")
+    _add_check_options(p)
+    p.set_defaults(func=cmd_verify_outputs)
+
+    p = sub.add_parser("report", help="print the summary of an existing run's report.csv")
+    p.add_argument("output_root")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo-tree", help="write the built-in demo checkpoint tree")
     p.add_argument("root")

@@ -182,8 +182,8 @@ def step_from_name(path: str) -> int | None:
 
 def detect(path: str) -> dict[str, Any]:
     """Everything a manifest records about the checkpoint at ``path``; never raises for bad input."""
-    record: dict[str, Any] = {"path": os.path.abspath(path), "format": "unknown", "variant": "",
-                              "reason": "", "status": ""}
+    record: dict[str, Any] = {"path": os.path.abspath(path), "realpath": os.path.realpath(path),
+                              "format": "unknown", "variant": "", "reason": "", "status": ""}
     try:
         st = os.stat(path)
         record.update(size_bytes=st.st_size, mtime=st.st_mtime)

@@ -81,19 +81,30 @@ def converted_payload(record: dict, state_dict: dict[str, torch.Tensor], cfg: GP
     }
 
 
+def _identity(path: str) -> tuple:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def convert_file(src: str, dst: str | None, settings: CheckSettings | None = None,
                  record: dict | None = None) -> dict:
     """Convert a small checkpoint, check its logits and, if the check passes, write ``dst`` atomically.
 
-    Returns the check record (metrics, timings, output hash). A failed check or a refused
-    conversion returns ``status: failed`` with a reason and writes nothing at ``dst``.
+    Returns the check record (metrics, timings, output hash). A refused conversion, a failed
+    check, a source that changed while it was read, or a write that fails (disk full) returns
+    ``status: failed`` with a one-line reason, and nothing is left at ``dst``.
     """
     settings = settings or CheckSettings()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    record = record if record is not None else detect(src)
     result: dict[str, Any] = {"source": os.path.abspath(src), "converted_path": dst or "",
                               "converter_version": __version__, "status": "failed"}
+    try:
+        before = _identity(src)
+    except OSError as exc:
+        result["reason"] = f"cannot read the source: {exc.strerror or exc}"
+        return result
+    record = record if record is not None else detect(src)
     if record["format"] != "small":
         result["reason"] = f"not a small checkpoint ({record['format']}: {record.get('reason', '')})"
         return result
@@ -121,9 +132,23 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
     if dst:
         t3 = time.perf_counter()
         payload = converted_payload(record, converted, cfg, bool(record.get("has_optimizer_state")))
-        result["sha256"], result["converted_bytes"] = atomic_write_with(dst, lambda f: torch.save(payload, f))
+        try:
+            result["sha256"], result["converted_bytes"] = atomic_write_with(dst, lambda f: torch.save(payload, f))
+        except (OSError, RuntimeError) as exc:  # torch's zip writer re-raises a failed write as RuntimeError
+            cause = exc
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            why = (cause.strerror or str(cause)) if isinstance(cause, OSError) else " ".join(str(exc).split())
+            result["reason"] = f"cannot write {dst}: {why}; nothing written"
+            return result
         timings["write_s"] = time.perf_counter() - t3
     del obj
+    if _identity(src) != before:
+        # The weights we converted may be a mix of the old and the new file: publish nothing.
+        if dst and os.path.exists(dst):
+            os.unlink(dst)
+        result["reason"] = "the source changed while it was being converted; run again"
+        return result
     timings["total_s"] = time.perf_counter() - t0
     result.update(status="converted", reason="", timings=timings)
     return result

@@ -31,7 +31,7 @@ REPORT_COLUMNS = (
     "model_dim", "num_heads", "vocab_size", "padded_vocab", "params", "size_bytes", "mtime", "status",
     "converted_path", "converted_sha256", "max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement",
     "kl", "loss_ref", "loss_converted", "check_passed", "check_device", "check_dtype", "direct_load_ok",
-    "long_window_blocks", "window_source",
+    "long_window_blocks", "window_source", "realpath",
 )
 NEEDS_A_PERSON = ("failed", "unknown", "unsafe", "unreadable")
 _RUN_DIR = re.compile(r"^(?P<lang>.+?)_owt_run_(?P<run>[^/]+)$")
@@ -205,3 +205,52 @@ def summarize(rows: Iterable[dict]) -> str:
 def read_report(report_path: str) -> list[dict]:
     with open(report_path, encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f))
+
+
+def verify_outputs(output_root: str, recheck: bool = False, settings: dict | None = None) -> tuple[int, list[str]]:
+    """Re-verify every converted file under ``output_root`` against its check record.
+
+    Returns (files verified, problems): a converted file that is missing, whose sha256 differs
+    from the one recorded at write time, that has no record, or (with ``recheck``) whose logits
+    no longer match its source's.
+    """
+    from .atomic import sha256_file
+
+    checks_dir = os.path.join(output_root, "checks")
+    converted_dir = os.path.join(output_root, "converted")
+    problems: list[str] = []
+    recorded: set[str] = set()
+    verified = 0
+    for folder, _, files in os.walk(checks_dir):
+        for name in sorted(files):
+            if not name.endswith(".yaml") or name.startswith("."):
+                continue
+            record_path = os.path.join(folder, name)
+            record = read_yaml(record_path)
+            if record.get("status") != "converted":
+                continue
+            rel = os.path.relpath(record_path, checks_dir)[: -len(".yaml")] + ".pt"
+            path = os.path.join(converted_dir, rel)
+            recorded.add(os.path.normpath(path))
+            if not os.path.exists(path):
+                problems.append(f"missing: {path} (recorded in {record_path})")
+                continue
+            digest = sha256_file(path)
+            if digest != record.get("sha256"):
+                problems.append(f"changed: {path}: sha256 {digest[:16]}... != recorded {str(record.get('sha256'))[:16]}...")
+                continue
+            if recheck:
+                from .check import CheckSettings
+                from .migrate import check_file
+
+                result = check_file(path, CheckSettings(**(settings or {})))
+                if not result["check_passed"]:
+                    problems.append(f"recheck failed: {path}: max |logit diff| {result['max_abs_logit_diff']:.3g}")
+                    continue
+            verified += 1
+    for folder, _, files in os.walk(converted_dir):
+        for name in files:
+            path = os.path.normpath(os.path.join(folder, name))
+            if name.endswith(".pt") and not name.startswith(".") and path not in recorded:
+                problems.append(f"unrecorded: {path} has no converted check record")
+    return verified, problems

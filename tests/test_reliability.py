@@ -1,0 +1,348 @@
+"""The bad-input and fault catalogue (docs/reliability.md): every case a named row, nothing run,
+nothing lost, nothing partial at a final path, the input tree never written."""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+
+import pytest
+import torch
+
+from ckpt_migrate import synthetic
+from ckpt_migrate.check import CheckSettings
+from ckpt_migrate.migrate import convert_file
+from ckpt_migrate.pipeline import read_report, verify_outputs
+from ckpt_migrate.safe_pickle import inspect_archive
+
+from .conftest import VOCAB
+from .pipeline_helpers import REPO, SNAKEMAKE, make_read_only, make_writable, snakemake, tree_state
+
+MARKER = "/tmp/ckpt_migrate_reliability_PWNED"
+
+
+class _Call:
+    """Pickles as ``func(*args)``."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _hostile(payload):
+    def build(path):
+        torch.save({"model": {"embed.weight": torch.zeros(2, 2)}, "payload": payload}, path)
+    return build
+
+
+def _raw_pickle(pkl: bytes):
+    def build(path):
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/data.pkl", pkl)
+            z.writestr("archive/version", "3\n")
+    return build
+
+
+def _small_ckpt(mutate=None, variant="v2", code_extra="", optimizers=True, **kw):
+    def build(path):
+        sd = synthetic.small_state_dict(variant, vocab=VOCAB, seed=len(path) % 97, **kw)
+        if mutate:
+            mutate(sd)
+        obj = synthetic.upstream_checkpoint(sd, "small", step=100, optimizers=optimizers)
+        obj["code"] += code_extra
+        torch.save(obj, path)
+    return build
+
+
+def _truncated(fraction):
+    def build(path):
+        tmp = path + ".whole"
+        _small_ckpt()(tmp)
+        data = open(tmp, "rb").read()
+        os.unlink(tmp)
+        open(path, "wb").write(data[: int(len(data) * fraction)])
+    return build
+
+
+def _cut_pickle(path):
+    tmp = path + ".whole"
+    _small_ckpt()(tmp)
+    with zipfile.ZipFile(tmp) as z:
+        pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    os.unlink(tmp)
+    _raw_pickle(pkl[: len(pkl) // 2])(path)
+
+
+def _legacy(path):
+    torch.save({"model": {"w": torch.zeros(2)}}, path, _use_new_zipfile_serialization=False)
+
+
+def _zip_without_pickle(path):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("notes.txt", "not a checkpoint")
+
+
+def _later_layout(path):
+    sd = {}
+    for k, v in synthetic.medium_state_dict(vocab=VOCAB).items():
+        sd[k.replace("mlp.fc_w", "mlp.c_fc")] = v.T.contiguous() if k.endswith("fc_w") else v
+    torch.save({"model": sd}, path)
+
+
+def _set(key, value):
+    def mutate(sd):
+        sd[key] = value
+    return mutate
+
+
+def _delete(key):
+    def mutate(sd):
+        del sd[key]
+    return mutate
+
+
+def _poison(value):
+    def mutate(sd):
+        sd["blocks.4.mlp.c_fc.weight"][1, 1] = value
+    return mutate
+
+
+marker_cmd = f"touch {MARKER}"
+# (folder under the tree, builder, expected status, words the reason must contain)
+CATALOGUE = [
+    # --- files
+    ("empty", lambda p: open(p, "wb").close(), "unreadable", "empty file"),
+    ("truncated_10pct", _truncated(0.10), "unreadable", "truncated"),
+    ("truncated_50pct", _truncated(0.50), "unreadable", "truncated"),
+    ("truncated_last_byte", _truncated(0.99999), "unreadable", "truncated"),
+    ("cut_inside_pickle", _cut_pickle, "unreadable", "damaged pickle"),
+    ("random_bytes", lambda p: open(p, "wb").write(os.urandom(10000)), "unreadable", "not a zip"),
+    ("zip_without_pickle", _zip_without_pickle, "unreadable", "without data.pkl"),
+    ("legacy_serialization", _legacy, "unreadable", "legacy"),
+    ("directory", lambda p: os.mkdir(p), "unreadable", "is a directory"),
+    ("broken_symlink", lambda p: os.symlink("/nonexistent/best_state_1.pt", p), "unreadable", "broken symlink"),
+    # --- hostile pickles: refused, the global named, never run
+    ("os_system", _hostile(_Call(os.system, marker_cmd)), "unsafe", "system"),
+    ("subprocess_popen", _hostile(_Call(subprocess.Popen, ["touch", MARKER])), "unsafe", "subprocess.Popen"),
+    ("builtins_eval", _hostile(_Call(eval, f"open({MARKER!r}, 'w')")), "unsafe", "builtins.eval"),
+    ("builtins_exec", _hostile(_Call(exec, f"open({MARKER!r}, 'w')")), "unsafe", "builtins.exec"),
+    ("builtins_getattr", _hostile(_Call(getattr, _Call(__import__, "os"), "system")), "unsafe", "builtins.getattr"),
+    ("builtins_import", _hostile(_Call(__import__, "os")), "unsafe", "builtins.__import__"),
+    ("posix_system", _raw_pickle(b"cposix\nsystem\n(V" + marker_cmd.encode() + b"\ntR."), "unsafe", "posix.system"),
+    ("python2_builtin_eval", _raw_pickle(b"c__builtin__\neval\n(V1\ntR."), "unsafe", "builtins.eval"),
+    ("torch_non_rebuild", _hostile(_Call(torch.load, MARKER)), "unsafe", "torch.serialization.load"),
+    ("functools_partial", _hostile(_Call(functools.partial(os.system, marker_cmd))), "unsafe", "functools.partial"),
+    ("operator_attrgetter", _raw_pickle(b"\x80\x02c_operator\nattrgetter\nX\x06\x00\x00\x00system\x85R."),
+     "unsafe", "_operator.attrgetter"),
+    ("numpy_reconstruct", _raw_pickle(b"\x80\x02cnumpy.core.multiarray\n_reconstruct\n)R."), "unsafe", "numpy"),
+    ("reduce_chain_via_allowed_name",
+     _raw_pickle(b"\x80\x02ccollections\nOrderedDict\n)R" + b"cos\nsystem\nX\x04\x00\x00\x00true\x85R."),
+     "unsafe", "os.system"),
+    ("stack_global_from_memo",
+     _raw_pickle(b"\x80\x04\x8c\x02os\x94\x8c\x06system\x94h\x00h\x01\x93\x8c\x04true\x85R."), "unsafe", "os.system"),
+    ("inst_opcode", _raw_pickle(b"(S'true'\nios\nsystem\n."), "unsafe", "os.system"),
+    ("obj_opcode", _raw_pickle(b"(cos\nsystem\nS'true'\no."), "unsafe", "os.system"),
+    ("ext_opcode", _raw_pickle(b"\x80\x02\x82\x01."), "unreadable", "damaged pickle"),
+    ("rebuild_without_storage", _raw_pickle(b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(K\x00K\x00)ttR."),
+     "unreadable", "damaged pickle"),
+    # --- contents
+    ("nan_weight", _small_ckpt(_poison(float("nan"))), "failed", "non-finite"),
+    ("inf_weight", _small_ckpt(_poison(float("inf"))), "failed", "non-finite"),
+    ("hdim_not_model_dim", _small_ckpt(num_heads=2, model_dim=128), "failed", "hdim 256 != model_dim 128"),
+    ("missing_block", _small_ckpt(_delete("blocks.3.mlp.c_fc.weight")), "unknown", "blocks.3.mlp.c_fc.weight"),
+    ("extra_key", _small_ckpt(_set("blocks.2.attn.gate", torch.zeros(4))), "unknown", "blocks.2.attn.gate"),
+    ("wrong_shape", _small_ckpt(_set("blocks.5.mlp.c_proj.weight", torch.zeros(128, 256))), "unknown",
+     "blocks.5.mlp.c_proj.weight"),
+    ("unexpected_wrapper", lambda p: torch.save({"weights": synthetic.small_state_dict("v2", vocab=VOCAB)}, p),
+     "unknown", "no model state dict"),
+    ("later_upstream_layout", _later_layout, "unknown", "blocks.0.mlp.c_fc"),
+    ("huge_code_string", _small_ckpt(code_extra="#" * 30_000_000), "converted", ""),
+    ("no_optimizer_state", _small_ckpt(optimizers=False), "converted", ""),
+    ("name with spaces ü", _small_ckpt(), "converted", ""),
+]
+
+
+@pytest.fixture(scope="module")
+def catalogue_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("catalogue") / "clean_bbpe_50k"
+    for i, (name, build, _, _) in enumerate(CATALOGUE):
+        folder = root / f"case_owt_run_{i:02d}_{name}"
+        folder.mkdir(parents=True)
+        build(str(folder / "best_state_100.pt"))
+    # The same checkpoint reached through a symlinked run directory.
+    (root / "case_owt_run_99_symlink").symlink_to(root / f"case_owt_run_{len(CATALOGUE) - 1:02d}_{CATALOGUE[-1][0]}")
+    if os.path.exists(MARKER):
+        os.unlink(MARKER)
+    before = tree_state(str(root))
+    make_read_only(str(root))
+    out = tmp_path_factory.mktemp("catalogue_out")
+    proc = snakemake(str(root), str(out), config={"allow_check_failures": "True"})
+    make_writable(str(root))
+    after = tree_state(str(root))
+    make_read_only(str(root))
+    rows = {r["relative_path"].split("/")[0]: r for r in read_report(str(out / "report.csv"))}
+    return proc, rows, before, after, out
+
+
+@pytest.mark.parametrize("index", range(len(CATALOGUE)), ids=[c[0] for c in CATALOGUE])
+def test_every_case_is_a_named_row(catalogue_run, index):
+    proc, rows, _, _, _ = catalogue_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    name, _, status, words = CATALOGUE[index]
+    row = rows[f"case_owt_run_{index:02d}_{name}"]
+    assert row["status"] == status, row
+    assert words in row["reason"] and "\n" not in row["reason"], row["reason"]
+
+
+def test_catalogue_totals(catalogue_run):
+    proc, rows, before, after, out = catalogue_run
+    tried = len(CATALOGUE) + 1  # + the symlinked run directory
+    assert len(rows) == tried  # every case classified, none lost
+    assert not os.path.exists(MARKER)  # payloads executed: 0
+    strip = lambda s: {k: v[:3] + (v[4],) for k, v in s.items()}  # noqa: E731  (mode bits we changed)
+    assert strip(after) == strip(before)  # input bytes changed: 0
+    verified, problems = verify_outputs(str(out))
+    assert problems == [] and verified == 4  # partial or unrecorded outputs: 0
+    leftovers = [f for d, _, fs in os.walk(out) for f in fs if ".tmp-" in f]
+    assert leftovers == []
+    symlinked, target = rows["case_owt_run_99_symlink"], rows[f"case_owt_run_{len(CATALOGUE) - 1:02d}_{CATALOGUE[-1][0]}"]
+    assert symlinked["status"] == "converted" and symlinked["realpath"] == target["realpath"]
+
+
+def test_permission_denied_is_unreadable(tmp_path):
+    folder = tempfile.mkdtemp(prefix="ckpt_perm_", dir="/tmp")
+    os.chmod(folder, 0o755)
+    path = os.path.join(folder, "best_state_1.pt")
+    _small_ckpt()(path)
+    os.chmod(path, 0)
+    code = "import sys; from safe_pickle import inspect_archive as i; r = i(sys.argv[1]); print(r.status, r.reason)"
+    cmd = [sys.executable, "-c", code, path]
+    if os.geteuid() == 0:
+        # Root reads anything: ask as an unprivileged user, with the system Python and a copy of
+        # the (standard-library only) inspector where that user can read it.
+        shutil.copy(os.path.join(REPO, "src", "ckpt_migrate", "safe_pickle.py"), folder)
+        cmd = ["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", code, path]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=folder, env={**os.environ, "PYTHONPATH": folder})
+    shutil.rmtree(folder, ignore_errors=True)
+    assert out.stdout.strip() == "unreadable permission denied", out.stderr
+
+
+SLOW_WRITER = """
+import sys, time
+import ckpt_migrate.atomic as atomic
+write = atomic.HashingWriter.write
+def slow(self, data):
+    time.sleep(0.002)
+    return write(self, data)
+atomic.HashingWriter.write = slow
+from ckpt_migrate.cli import main
+sys.exit(main(["convert", sys.argv[1], sys.argv[2], "--length", "128"]))
+"""
+
+
+def test_sigkill_mid_write_leaves_nothing_and_a_rerun_completes(tmp_path):
+    src, dst = str(tmp_path / "src.pt"), tmp_path / "out" / "best_state_100.pt"
+    _small_ckpt()(src)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, src, str(dst)])
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        temps = [f for f in os.listdir(dst.parent)] if dst.parent.exists() else []
+        if temps and os.path.getsize(dst.parent / temps[0]) > 100_000:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not dst.exists()
+    assert any(".tmp-" in f for f in os.listdir(dst.parent))  # the killed writer's temporary
+    result = convert_file(src, str(dst), CheckSettings(length=128))
+    assert result["status"] == "converted" and torch.load(dst, weights_only=True)["format"] == "gptbatched"
+    assert os.listdir(dst.parent) == ["best_state_100.pt"]  # the stale temporary is gone
+
+
+FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
+from ckpt_migrate.cli import main
+sys.exit(main(["convert", sys.argv[1], sys.argv[2], "--length", "128"]))
+"""
+
+
+def test_output_filesystem_full(tmp_path):
+    src, dst = str(tmp_path / "src.pt"), tmp_path / "out" / "best_state_100.pt"
+    _small_ckpt()(src)
+    before = tree_state(str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, src, str(dst)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "cannot write" in proc.stdout and "File too large" in proc.stdout
+    assert os.listdir(dst.parent) == []  # no partial output, no temporary
+    after = tree_state(str(tmp_path))
+    assert after[os.path.basename(src)] == before[os.path.basename(src)]
+
+
+def test_source_replaced_while_being_converted(tmp_path, monkeypatch):
+    import ckpt_migrate.migrate as migrate
+
+    src, dst = str(tmp_path / "best_state_100.pt"), str(tmp_path / "out.pt")
+    _small_ckpt()(src)
+    real_check = migrate.logit_check
+
+    def check_then_replace(*args, **kwargs):
+        _small_ckpt(variant="v1")(src + ".new")
+        os.replace(src + ".new", src)  # a training job saving a new best state meanwhile
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(migrate, "logit_check", check_then_replace)
+    result = convert_file(src, dst, CheckSettings(length=128))
+    assert result["status"] == "failed" and "changed while it was being converted" in result["reason"]
+    assert not os.path.exists(dst)
+
+
+def test_second_snakemake_on_the_same_outputs_is_refused(tmp_path):
+    root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
+    for i in range(2):
+        folder = root / f"eng_spa_owt_run_{i}"
+        folder.mkdir(parents=True)
+        _small_ckpt()(str(folder / "best_state_100.pt"))
+    cmd = [SNAKEMAKE, "--cores", "2", "--config", f"input_root={root}", f"output_root={out}", "check_length=4096"]
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "logs" / "convert").exists():
+        time.sleep(0.1)
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert second.returncode != 0 and "cannot be locked" in second.stdout + second.stderr
+    output, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, output[-3000:]
+    assert sorted(r["status"] for r in read_report(str(out / "report.csv"))) == ["converted", "converted"]
+
+
+def test_verify_outputs_names_changed_and_missing_files(catalogue_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(catalogue_run[4], out)
+    converted = sorted(p for p in (out / "converted").rglob("*.pt"))
+    assert len(converted) == 4
+    with open(converted[0], "ab") as f:
+        f.write(b"\0")  # bit rot, or someone editing in place
+    converted[1].unlink()
+    shutil.copy(converted[2], out / "converted" / "stray.pt")
+    proc = subprocess.run([sys.executable, "-m", "ckpt_migrate.cli", "verify-outputs", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    lines = proc.stdout.splitlines()
+    assert any(l.startswith("changed: ") and str(converted[0]) in l for l in lines)
+    assert any(l.startswith("missing: ") and str(converted[1]) in l for l in lines)
+    assert any(l.startswith("unrecorded: ") and "stray.pt" in l for l in lines)
+    assert lines[-1] == "2 converted file(s) match their records; 3 problem(s)"
+    recheck = subprocess.run([sys.executable, "-m", "ckpt_migrate.cli", "verify-outputs", str(catalogue_run[4]),
+                              "--recheck", "--length", "128"], capture_output=True, text=True)
+    assert recheck.returncode == 0 and "4 converted file(s) match" in recheck.stdout, recheck.stdout + recheck.stderr
