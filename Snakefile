@@ -19,6 +19,7 @@ include: "workflow/rules/report.smk"
 rule all:
     input:
         report_gate_flag(),
+        report_figures(),
 
 
 onsuccess:

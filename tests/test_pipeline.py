@@ -161,7 +161,7 @@ def test_incremental_new_run_replaced_file_and_file_completed_later(tmp_path):
     proc = snakemake(str(root), str(out))
     assert proc.returncode == 0
     assert job_counts(proc.stdout + proc.stderr) == {"all": 1, "convert": 1, "detect": 1, "gate": 1,
-                                                     "plan": 1, "report": 1}
+                                                     "plan": 1, "report": 1, "figures": 1}
     assert "eng_spa_owt_run_2/best_state_100" in proc.stdout + proc.stderr
 
     # The partial file completes (new mtime): it is detected again and converted.

@@ -81,6 +81,21 @@ def converted_payload(record: dict, state_dict: dict[str, torch.Tensor], cfg: GP
     }
 
 
+def _bytes_read() -> int | None:
+    """Bytes this process has read so far (Linux /proc/self/io rchar), for progress logs."""
+    try:
+        with open("/proc/self/io") as f:
+            return int(next(line for line in f if line.startswith("rchar")).split()[1])
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _progress(stage: str, t0: float) -> None:
+    read = _bytes_read()
+    log.info("%-9s %7.1f s elapsed, %s read", stage, time.perf_counter() - t0,
+             f"{read / 2**20:.1f} MiB" if read is not None else "? bytes")
+
+
 def _identity(path: str) -> tuple:
     st = os.stat(path)
     return st.st_ino, st.st_size, st.st_mtime_ns
@@ -108,9 +123,11 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
     if record["format"] != "small":
         result["reason"] = f"not a small checkpoint ({record['format']}: {record.get('reason', '')})"
         return result
+    _progress("load", t0)
     try:
         _, obj, small = load_source(src, record)
         timings["load_s"] = time.perf_counter() - t0
+        _progress("convert", t0)
         cfg = config_from_record(record)
         t1 = time.perf_counter()
         converted = convert_state_dict(small, cfg)
@@ -119,6 +136,7 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
         result["reason"] = str(exc)
         return result
     t2 = time.perf_counter()
+    _progress("check", t0)
     reference = reference_model(record, small)
     candidate = build_model(GPTBatched, cfg, converted)
     check = logit_check(reference, candidate, cfg.vocab_size, settings)
@@ -130,6 +148,7 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
         result["reason"] = f"logit check failed: {why}; nothing written"
         return result
     if dst:
+        _progress("write", t0)
         t3 = time.perf_counter()
         payload = converted_payload(record, converted, cfg, bool(record.get("has_optimizer_state")))
         try:
@@ -150,6 +169,7 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
         result["reason"] = "the source changed while it was being converted; run again"
         return result
     timings["total_s"] = time.perf_counter() - t0
+    _progress("done", t0)
     result.update(status="converted", reason="", timings=timings)
     return result
 

@@ -30,7 +30,7 @@ REPORT_COLUMNS = (
     "path", "relative_path", "lang_pair", "run", "step", "format", "variant", "reason", "num_layers",
     "model_dim", "num_heads", "vocab_size", "padded_vocab", "params", "size_bytes", "mtime", "status",
     "converted_path", "converted_sha256", "max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement",
-    "kl", "loss_ref", "loss_converted", "check_passed", "check_device", "check_dtype", "direct_load_ok",
+    "kl", "loss_ref", "loss_converted", "check_passed", "tolerance", "check_device", "check_dtype", "direct_load_ok",
     "long_window_blocks", "window_source", "realpath",
 )
 NEEDS_A_PERSON = ("failed", "unknown", "unsafe", "unreadable")
@@ -161,7 +161,7 @@ def report_row(manifest: dict, check: dict | None) -> dict:
             status = check.get("status", "failed")
             row["reason"] = check.get("reason", "")
             for key in ("max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement", "kl", "loss_ref",
-                        "loss_converted", "check_passed", "check_device", "check_dtype"):
+                        "loss_converted", "check_passed", "tolerance", "check_device", "check_dtype"):
                 row[key] = check.get(key, "")
             if status == "converted":
                 row["converted_path"] = check.get("converted_path", "")
@@ -198,8 +198,23 @@ def summarize(rows: Iterable[dict]) -> str:
     attention = [r for r in rows if r["status"] in NEEDS_A_PERSON]
     if attention:
         lines.append("needs a person:")
-        lines += [f"  {r['status']}: {r['relative_path']}: {r['reason']}" for r in attention]
+        lines += [f"  {r['status']}: {r['relative_path']}: {r['reason']}{_still_writing(r)}" for r in attention]
     return "\n".join(lines)
+
+
+RECENT_WRITE_S = 15 * 60  # an unreadable file modified this recently is probably still being saved
+
+
+def _still_writing(row: dict) -> str:
+    import time
+
+    try:
+        age = time.time() - float(row.get("mtime") or "nan")
+    except ValueError:
+        return ""
+    if row["status"] == "unreadable" and 0 <= age < RECENT_WRITE_S:
+        return f" (modified {age:.0f} s ago: probably still being written; the next run picks it up)"
+    return ""
 
 
 def read_report(report_path: str) -> list[dict]:

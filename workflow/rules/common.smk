@@ -75,6 +75,10 @@ def report_gate_flag():
     return f"{OUT}/report.ok"
 
 
+def report_figures():
+    return [f"{OUT}/figures/{name}" for name in ("logit_check.png", "status_by_lang_pair.png", "report_table.html", "needs_attention.html")]
+
+
 def print_summary():
     report_csv = f"{OUT}/report.csv"
     if os.path.exists(report_csv):

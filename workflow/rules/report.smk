@@ -4,6 +4,7 @@
 
 localrules:
     report,
+    figures,
     gate,
 
 
@@ -39,3 +40,39 @@ rule gate:
         f"{OUT}/benchmarks/gate.tsv"
     script:
         "../scripts/gate.py"
+
+
+rule figures:
+    input:
+        csv=f"{OUT}/report.csv",
+    output:
+        logit=report(
+            f"{OUT}/figures/logit_check.png",
+            caption="../report/logit_check.rst",
+            category="Logit check",
+        ),
+        status=report(
+            f"{OUT}/figures/status_by_lang_pair.png",
+            caption="../report/status_by_lang_pair.rst",
+            category="Overview",
+        ),
+        table=report(
+            f"{OUT}/figures/report_table.html",
+            caption="../report/report_csv.rst",
+            category="Report",
+            labels={"table": "all checkpoints (click a column to sort)"},
+        ),
+        attention=report(
+            f"{OUT}/figures/needs_attention.html",
+            caption="../report/needs_attention.rst",
+            category="Report",
+            labels={"table": "files that need a person"},
+        ),
+    conda:
+        "../envs/ckpt_migrate.yaml"
+    log:
+        f"{OUT}/logs/figures.log",
+    benchmark:
+        f"{OUT}/benchmarks/figures.tsv"
+    script:
+        "../scripts/figures.py"

@@ -1,0 +1,95 @@
+"""Snakemake's HTML report (--report) and the summary: table, figures and every reason are in the page."""
+
+from __future__ import annotations
+
+import base64
+import html as html_lib
+import os
+import re
+import subprocess
+
+import torch
+
+from ckpt_migrate import synthetic
+from ckpt_migrate.pipeline import read_report, summarize
+
+from .conftest import VOCAB
+from .pipeline_helpers import REPO, SNAKEMAKE, snakemake
+
+DATA_URI = re.compile(r"data:([\w/+.-]+)(?:;[\w=.-]+)*;base64,([A-Za-z0-9+/=]+)")
+
+
+class _Payload:
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+def _tree(root):
+    for i, variant in enumerate(("v1", "v2")):
+        sd = synthetic.small_state_dict(variant, vocab=VOCAB, seed=i)
+        synthetic.save(synthetic.upstream_checkpoint(sd, "small", step=100), str(root / f"eng_spa_owt_run_{i}/best_state_100.pt"))
+    synthetic.save(synthetic.upstream_checkpoint(synthetic.medium_state_dict(vocab=VOCAB), "medium", step=100),
+                   str(root / "hin_urd_owt_run_1/best_state_100.pt"))
+    bad = synthetic.small_state_dict("v2", vocab=VOCAB, seed=5)
+    bad["blocks.1.mlp.c_fc.weight"][0, 0] = float("nan")
+    synthetic.save(synthetic.upstream_checkpoint(bad, "small", step=100), str(root / "rus_pol_owt_run_1/best_state_100.pt"))
+    synthetic.save({"model": {"w": torch.zeros(3)}}, str(root / "rus_pol_owt_run_2/best_state_100.pt"))
+    synthetic.save({"model": {"embed.weight": torch.zeros(1)}, "p": _Payload()}, str(root / "tam_mal_owt_run_1/best_state_100.pt"))
+    (root / "tam_mal_owt_run_2").mkdir()
+    (root / "tam_mal_owt_run_2/best_state_100.pt").write_bytes(b"PK\x03\x04 cut short")
+
+
+def test_html_report_holds_table_figures_and_every_reason(tmp_path):
+    root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
+    _tree(root)
+    run = snakemake(str(root), str(out), config={"allow_check_failures": "True"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    page = tmp_path / "report.html"
+    proc = subprocess.run([SNAKEMAKE, "--config", f"input_root={root}", f"output_root={out}", "check_length=512",
+                           "allow_check_failures=True", "--report", str(page)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and page.exists(), proc.stderr[-3000:]
+    html = page.read_text()
+    embedded = [(mime, base64.b64decode(data)) for mime, data in DATA_URI.findall(html)]
+    pngs = [blob for mime, blob in embedded if mime == "image/png" and blob.startswith(b"\x89PNG")]
+    pages = [blob.decode() for mime, blob in embedded if mime == "text/html"]
+    assert len(pngs) >= 2  # logit check and status/format figures
+    table = next(p for p in pages if "<h3>All checkpoints" in p)
+    attention = next(p for p in pages if "<h3>Files that need a person" in p)
+    assert "table.sortable th" in table and "addEventListener" in table  # sortable by column
+    rows = read_report(str(out / "report.csv"))
+    statuses = {r["status"] for r in rows}
+    assert statuses == {"converted", "not_needed", "failed", "unknown", "unsafe", "unreadable"}
+    for row in rows:
+        assert html_lib.escape(row["relative_path"]) in table
+        if row["status"] in ("failed", "unknown", "unsafe", "unreadable"):
+            assert row["reason"] and html_lib.escape(row["reason"]) in attention, row
+    for caption in ("Logit check of every converted checkpoint", "The files that need a person"):
+        assert caption in html
+
+
+def test_summary_names_what_needs_a_person_and_files_still_being_written():
+    import time
+
+    rows = [
+        {"status": "converted", "lang_pair": "eng_spa", "relative_path": "a", "reason": "", "mtime": "0"},
+        {"status": "failed", "lang_pair": "eng_spa", "relative_path": "b", "reason": "logit check failed", "mtime": "0"},
+        {"status": "unreadable", "lang_pair": "rus_pol", "relative_path": "c", "reason": "damaged",
+         "mtime": str(time.time() - 30)},
+        {"status": "unsafe", "lang_pair": "", "relative_path": "d", "reason": "os.system", "mtime": "0"},
+    ]
+    text = summarize(rows)
+    assert text.splitlines()[0] == "4 checkpoints: 1 converted, 1 failed, 1 unreadable, 1 unsafe"
+    assert "  eng_spa: 1 converted, 1 failed" in text and "  (other): 1 unsafe" in text
+    assert "failed: b: logit check failed" in text and "unsafe: d: os.system" in text
+    assert "unreadable: c: damaged (modified 30 s ago: probably still being written" in text
+
+
+def test_report_command_prints_the_summary(tmp_path, python):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.csv").write_text("path,relative_path,lang_pair,status,reason,mtime\n/x,eng_spa_owt_run_1/a.pt,eng_spa,converted,,0\n")
+    proc = subprocess.run([python, "-m", "ckpt_migrate.cli", "report", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0 and "1 checkpoints: 1 converted" in proc.stdout
+    missing = subprocess.run([python, "-m", "ckpt_migrate.cli", "report", str(tmp_path / "none")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
