@@ -13,24 +13,51 @@ import tempfile
 from typing import BinaryIO, Callable, Iterator
 
 
+class PendingFile:
+    """A file written in full beside ``path`` first, and published (renamed) or dropped later.
+
+    Lets a conversion write its output while the logit check still runs, and decide afterwards.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(self.folder, exist_ok=True)
+        _remove_stale_temporaries(path)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=self.folder)
+        os.close(fd)
+
+    def write_with(self, write: Callable[[BinaryIO], None]) -> tuple[str, int]:
+        """Write the whole content through ``write(f)`` and fsync; returns (sha256 hex, bytes)."""
+        with open(self.tmp, "wb") as f:
+            writer = HashingWriter(f)
+            write(writer)
+            f.flush()
+            os.fsync(f.fileno())
+        return writer.sha256.hexdigest(), writer.size
+
+    def commit(self) -> None:
+        os.replace(self.tmp, self.path)
+        _fsync_dir(self.folder)
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str) -> Iterator[BinaryIO]:
     """Open a temporary file beside ``path``; on success it is fsynced and renamed onto ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    _remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
+    pending = PendingFile(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(pending.tmp, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        pending.commit()
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        pending.abort()
         raise
-    _fsync_dir(folder)
 
 
 def _remove_stale_temporaries(path: str) -> None:
@@ -82,10 +109,14 @@ class HashingWriter:
 
 def atomic_write_with(path: str, write: Callable[[BinaryIO], None]) -> tuple[str, int]:
     """Write ``path`` atomically through ``write(f)``; returns (sha256 hex, bytes written)."""
-    with atomic_open(path) as f:
-        writer = HashingWriter(f)
-        write(writer)
-    return writer.sha256.hexdigest(), writer.size
+    pending = PendingFile(path)
+    try:
+        digest = pending.write_with(write)
+        pending.commit()
+    except BaseException:
+        pending.abort()
+        raise
+    return digest
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -91,12 +92,20 @@ def logit_check(reference: torch.nn.Module, candidate: torch.nn.Module, vocab_si
     tokens = random_tokens(vocab_size, settings.batch, settings.length, settings.seed).to(device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     outputs = []
+    transfer_s = forward_s = 0.0
     with torch.no_grad(), no_tf32():
         for model in (reference, candidate):
-            model.to(device)
+            t0 = time.perf_counter()
+            model.to(device)  # with memory-mapped weights this is also where they are read from disk
             prepare_dtype(model, dtype)
+            _sync(device)
+            t1 = time.perf_counter()
             outputs.append(model(inputs).float())
+            _sync(device)
+            transfer_s += t1 - t0
+            forward_s += time.perf_counter() - t1
     result = compare_logits(outputs[0], outputs[1], targets, settings.resolved_tolerance())
+    result["check_timings"] = {"weights_to_device_s": round(transfer_s, 4), "forwards_s": round(forward_s, 4)}
     result.update(check_device=torch.device(device).type if device != "cuda" else _gpu_name(),
                   check_dtype=settings.dtype, check_batch=settings.batch,
                   check_length=settings.length, check_seed=settings.seed)
@@ -106,13 +115,16 @@ def logit_check(reference: torch.nn.Module, candidate: torch.nn.Module, vocab_si
     return result
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def prepare_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """fp32: every parameter fp32. bf16: embeddings bf16 (activations follow), others as stored."""
-    if dtype == torch.float32:
-        model.float()
-        return
-    model.embed.to(dtype)
-    model.value_embeds.to(dtype)
+    """Compute in ``dtype``: fp32 runs every matmul in fp32 (weights are cast at use, the
+    parameters stay as stored, so no fp32 copy of the embedding tables is made); bf16 follows
+    the training-time flow (bf16 activations, weights cast to bf16 at use)."""
+    model.compute_dtype = dtype
 
 
 def _gpu_name() -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .atomic import atomic_write_with
+from .atomic import PendingFile
 from .check import CheckSettings, logit_check, prepare_dtype
 from .convert import ConversionError, convert_state_dict
 from .detect import CONVERTED_FORMAT, config_from_record, detect, find_state_dict, strip_prefixes
@@ -44,9 +44,11 @@ def load_source(path: str, record: dict | None = None) -> tuple[dict, dict, dict
 
 
 def build_model(cls, cfg: GPTBatchedConfig, state_dict: dict[str, torch.Tensor], **kwargs) -> torch.nn.Module:
-    """Instantiate without allocating, then adopt the tensors as they are (dtypes kept), strictly."""
-    with torch.device("meta"):
-        model = cls(cfg, **kwargs)
+    """Instantiate without allocating, then adopt the tensors as they are (dtypes kept), strictly.
+
+    The meta device is passed to every constructor rather than set as a context: the context
+    routes each initializer through Python decompositions, which cost over a second per process."""
+    model = cls(cfg, device="meta", **kwargs)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
 
@@ -135,43 +137,75 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
     except (ConversionError, CheckpointError) as exc:
         result["reason"] = str(exc)
         return result
+    # The output is written to a temporary file while the check runs (I/O beside compute), and
+    # published by a rename only once the check has passed and the source is unchanged.
+    pending = _BackgroundWrite(dst, converted_payload(record, converted, cfg, bool(record.get("has_optimizer_state"))),
+                           t0) if dst else None
     t2 = time.perf_counter()
     _progress("check", t0)
-    reference = reference_model(record, small)
-    candidate = build_model(GPTBatched, cfg, converted)
-    check = logit_check(reference, candidate, cfg.vocab_size, settings)
-    timings["check_s"] = time.perf_counter() - t2
+    try:
+        reference = reference_model(record, small)
+        candidate = build_model(GPTBatched, cfg, converted)
+        check = logit_check(reference, candidate, cfg.vocab_size, settings)
+        timings["check_s"] = time.perf_counter() - t2
+    finally:
+        written = pending.finish() if pending else None
+    del obj
     result.update(check)
+    if written is not None:
+        timings["write_s"] = written["seconds"]
     if not check["check_passed"]:
         why = "non-finite logits" if not check["all_finite"] else (
             f"max |logit diff| {check['max_abs_logit_diff']:.3g} > tolerance {check['tolerance']:.3g}")
         result["reason"] = f"logit check failed: {why}; nothing written"
+    elif written is not None and written["error"]:
+        result["reason"] = f"cannot write {dst}: {written['error']}; nothing written"
+    elif _identity(src) != before:
+        # The weights we converted may be a mix of the old and the new file: publish nothing.
+        result["reason"] = "the source changed while it was being converted; run again"
+    else:
+        if pending:
+            pending.file.commit()
+            result["sha256"], result["converted_bytes"] = written["sha256"], written["bytes"]
+        timings["total_s"] = time.perf_counter() - t0
+        _progress("done", t0)
+        result.update(status="converted", reason="", timings=timings)
         return result
-    if dst:
-        _progress("write", t0)
-        t3 = time.perf_counter()
-        payload = converted_payload(record, converted, cfg, bool(record.get("has_optimizer_state")))
+    if pending:
+        pending.file.abort()
+    return result
+
+
+class _BackgroundWrite:
+    """torch.save of the converted payload into a PendingFile, on a thread."""
+
+    def __init__(self, dst: str, payload: dict, t0: float):
+        import threading
+
+        self.file = PendingFile(dst)
+        self.outcome: dict[str, Any] = {"error": "", "sha256": "", "bytes": 0, "seconds": 0.0}
+        self._payload, self._t0 = payload, t0
+        self._thread = threading.Thread(target=self._run, name="ckpt-migrate-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        start = time.perf_counter()
+        _progress("write", self._t0)
         try:
-            result["sha256"], result["converted_bytes"] = atomic_write_with(dst, lambda f: torch.save(payload, f))
+            self.outcome["sha256"], self.outcome["bytes"] = self.file.write_with(
+                lambda f: torch.save(self._payload, f))
         except (OSError, RuntimeError) as exc:  # torch's zip writer re-raises a failed write as RuntimeError
             cause = exc
             while cause is not None and not isinstance(cause, OSError):
                 cause = cause.__context__
-            why = (cause.strerror or str(cause)) if isinstance(cause, OSError) else " ".join(str(exc).split())
-            result["reason"] = f"cannot write {dst}: {why}; nothing written"
-            return result
-        timings["write_s"] = time.perf_counter() - t3
-    del obj
-    if _identity(src) != before:
-        # The weights we converted may be a mix of the old and the new file: publish nothing.
-        if dst and os.path.exists(dst):
-            os.unlink(dst)
-        result["reason"] = "the source changed while it was being converted; run again"
-        return result
-    timings["total_s"] = time.perf_counter() - t0
-    _progress("done", t0)
-    result.update(status="converted", reason="", timings=timings)
-    return result
+            self.outcome["error"] = ((cause.strerror or str(cause)) if isinstance(cause, OSError)
+                                     else " ".join(str(exc).split()))
+        self.outcome["seconds"] = time.perf_counter() - start
+        _progress("written", self._t0)
+
+    def finish(self) -> dict:
+        self._thread.join()
+        return self.outcome
 
 
 def check_file(path: str, settings: CheckSettings | None = None) -> dict:
@@ -207,8 +241,15 @@ def load_pretrained_checkpoint(path: str, device: str = "cpu", dtype: torch.dtyp
         if fmt == "small":
             state_dict = convert_state_dict(state_dict, cfg)
     model = build_model(GPTBatched, cfg, state_dict)
-    # mmap-backed tensors become real memory on the target device/dtype here.
+    # A model for use: its parameters in the requested dtype on the device (memory-mapped
+    # tensors become real memory here). With bf16, the fp32 linears are kept and cast at use,
+    # as the training scripts did.
     model.to(device)
+    if dtype == torch.float32:
+        model.float()
+    else:
+        model.embed.to(dtype)
+        model.value_embeds.to(dtype)
     prepare_dtype(model, dtype)
     info = {
         "format": fmt,

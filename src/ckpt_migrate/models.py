@@ -98,10 +98,14 @@ def softcap(z: torch.Tensor, family: str, model_dim: int) -> torch.Tensor:
     return 15 * z * torch.rsqrt(z.square() + 225)
 
 
-def _uniform(*shape: int) -> nn.Parameter:
+def _uniform(*shape: int, device=None) -> nn.Parameter:
     """A parameter with upstream's init scale (0.5 / sqrt(fan_in) std, uniform)."""
     bound = math.sqrt(3) * 0.5 * shape[-1] ** -0.5
-    return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
+    return nn.Parameter(torch.empty(*shape, device=device).uniform_(-bound, bound))
+
+
+def _zeros(cfg: GPTBatchedConfig, device) -> torch.Tensor:
+    return torch.zeros(cfg.vocab_size, cfg.model_dim, device=device)
 
 
 class Attention(nn.Module):
@@ -133,13 +137,13 @@ class Attention(nn.Module):
 class SmallAttention(Attention):
     """train_gpt_small.py's attention: ``qkv_w`` [3, hdim, D] and ``c_proj.weight`` [D, hdim]."""
 
-    def __init__(self, dim: int, num_heads: int, separate_lambdas: bool):
+    def __init__(self, dim: int, num_heads: int, separate_lambdas: bool, device=None):
         super().__init__(num_heads, HEAD_DIM, norm_v=False)
         hdim = num_heads * HEAD_DIM
-        self.qkv_w = _uniform(3, hdim, dim)
-        self.c_proj = nn.Linear(hdim, dim, bias=False)
+        self.qkv_w = _uniform(3, hdim, dim, device=device)
+        self.c_proj = nn.Linear(hdim, dim, bias=False, device=device)
         if separate_lambdas:  # v1 keeps the value-mix lambdas here; v2 packs them into scalars
-            self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
+            self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5], device=device))
 
     def qkv_weight(self):
         return self.qkv_w.flatten(end_dim=1)
@@ -151,9 +155,9 @@ class SmallAttention(Attention):
 class PackedAttention(Attention):
     """train_gpt_medium.py's (and GPTBatched's) attention: ``qkvo_w`` [4, hdim, D], slot 3 = out."""
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int, norm_v: bool):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, norm_v: bool, device=None):
         super().__init__(num_heads, head_dim, norm_v)
-        self.qkvo_w = _uniform(4, num_heads * head_dim, dim)
+        self.qkvo_w = _uniform(4, num_heads * head_dim, dim, device=device)
 
     def qkv_weight(self):
         return self.qkvo_w[:3].flatten(end_dim=1)
@@ -165,10 +169,10 @@ class PackedAttention(Attention):
 class SmallMLP(nn.Module):
     """proj(relu(fc(x))²) with ``c_fc``/``c_proj`` linear layers (small layout)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, device=None):
         super().__init__()
-        self.c_fc = nn.Linear(dim, hidden, bias=False)
-        self.c_proj = nn.Linear(hidden, dim, bias=False)
+        self.c_fc = nn.Linear(dim, hidden, bias=False, device=device)
+        self.c_proj = nn.Linear(hidden, dim, bias=False, device=device)
 
     def forward(self, x):  # (B, T, D)
         h = F.relu(F.linear(x, self.c_fc.weight.to(x.dtype))).square()  # (B, T, hidden)
@@ -178,10 +182,10 @@ class SmallMLP(nn.Module):
 class PackedMLP(nn.Module):
     """proj(relu(fc(x))²) with raw ``fc_w``/``proj_w`` parameters (medium layout)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, device=None):
         super().__init__()
-        self.fc_w = _uniform(hidden, dim)
-        self.proj_w = _uniform(dim, hidden)
+        self.fc_w = _uniform(hidden, dim, device=device)
+        self.proj_w = _uniform(dim, hidden, device=device)
 
     def forward(self, x):  # (B, T, D)
         h = F.relu(F.linear(x, self.fc_w.to(x.dtype))).square()  # (B, T, hidden)
@@ -192,13 +196,13 @@ class Block(nn.Module):
     """x = l0·x + l1·x0; x += attn(norm(x) or x); x += mlp(norm(x))."""
 
     def __init__(self, attn: Attention | None, mlp: nn.Module, norm_attn_input: bool,
-                 separate_lambdas: bool = False):
+                 separate_lambdas: bool = False, device=None):
         super().__init__()
         self.attn = attn
         self.mlp = mlp
         self.norm_attn_input = norm_attn_input
         if separate_lambdas:  # small v1 keeps the residual-mix lambdas per block
-            self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))
+            self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0], device=device))
 
     def forward(self, x, x0, ve, lambdas, sa_lambdas, mask):  # x, x0: (B, T, D)
         x = lambdas[0] * x + lambdas[1] * x0
@@ -210,14 +214,20 @@ class Block(nn.Module):
 class _GPT(nn.Module):
     """Embeddings, the layer loop with the family's skips, and the soft-capped head."""
 
-    def __init__(self, cfg: GPTBatchedConfig, attention: str):
+    def __init__(self, cfg: GPTBatchedConfig, attention: str, device=None):
         super().__init__()
         if attention not in ("flex", "sdpa"):
             raise ValueError(f"attention must be 'flex' or 'sdpa', not {attention!r}")
         self.cfg = cfg
         self.attention = attention
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
-        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.model_dim) for _ in range(3))
+        # Activations' dtype; None = the embeddings' (upstream: bf16 embeddings, bf16 activations).
+        # Setting fp32 computes in fp32 from bf16 tables without copying them (bf16 -> fp32 is exact).
+        self.compute_dtype: torch.dtype | None = None
+        # Zero tables passed in: nn.Embedding's own normal_ init runs as a slow Python
+        # decomposition on the meta device, and the weights are always loaded anyway.
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim, _weight=_zeros(cfg, device))
+        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.model_dim, _weight=_zeros(cfg, device))
+                                          for _ in range(3))
 
     def head_weight(self) -> torch.Tensor:  # (padded_vocab, D)
         raise NotImplementedError
@@ -235,10 +245,11 @@ class _GPT(nn.Module):
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         cfg, L = self.cfg, self.cfg.num_layers
         masks = self._masks(input_ids)
-        ve = [emb(input_ids) for emb in self.value_embeds]  # 3 x (B, T, D)
-        scalars = self.packed_scalars()
+        dtype = self.compute_dtype or self.embed.weight.dtype
+        ve = [emb(input_ids).to(dtype) for emb in self.value_embeds]  # 3 x (B, T, D)
+        scalars = self.packed_scalars().float()
         skip_w, lambdas, sa_lambdas = scalars[:L], scalars[L:3 * L].view(-1, 2), scalars[3 * L:5 * L].view(-1, 2)
-        x = x0 = norm(self.embed(input_ids))  # (B, T, D)
+        x = x0 = norm(self.embed(input_ids).to(dtype))  # (B, T, D)
         outputs: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             if cfg.fam.skip_map is None and i >= L // 2:  # small: U-net, layer i reads layer L-1-i
@@ -258,22 +269,23 @@ class GPTFlexAttention(_GPT):
     """train_gpt_small.py's model in its original layout (v1 or v2), flex attention by default."""
 
     def __init__(self, cfg: GPTBatchedConfig, variant: str, attention: str = "flex",
-                 scalars_len: int | None = None):
-        super().__init__(cfg, attention)
+                 scalars_len: int | None = None, device=None):
+        super().__init__(cfg, attention, device)
         if cfg.family != "small" or variant not in ("v1", "v2"):
             raise ValueError(f"GPTFlexAttention takes the small family, v1 or v2 (got {cfg.family}/{variant})")
         self.variant = variant
         v1 = variant == "v1"
         self.blocks = nn.ModuleList(
-            Block(SmallAttention(cfg.model_dim, cfg.num_heads, v1) if i in cfg.attn_layers else None,
-                  SmallMLP(cfg.model_dim, cfg.mlp_dim), norm_attn_input=True, separate_lambdas=v1)
+            Block(SmallAttention(cfg.model_dim, cfg.num_heads, v1, device) if i in cfg.attn_layers else None,
+                  SmallMLP(cfg.model_dim, cfg.mlp_dim, device), norm_attn_input=True, separate_lambdas=v1,
+                  device=device)
             for i in range(cfg.num_layers))
-        self.lm_head = nn.Linear(cfg.model_dim, cfg.padded_vocab, bias=False)
+        self.lm_head = nn.Linear(cfg.model_dim, cfg.padded_vocab, bias=False, device=device)
         if v1:
-            self.skip_weights = nn.Parameter(torch.ones(cfg.num_layers // 2))
+            self.skip_weights = nn.Parameter(torch.ones(cfg.num_layers // 2, device=device))
         else:
             # v2 pads the packed scalars to a multiple of the training world size.
-            self.scalars = nn.Parameter(torch.ones(scalars_len or 5 * cfg.num_layers))
+            self.scalars = nn.Parameter(torch.ones(scalars_len or 5 * cfg.num_layers, device=device))
 
     def head_weight(self):
         return self.lm_head.weight
@@ -294,16 +306,16 @@ class GPTFlexAttention(_GPT):
 class GPTBatched(_GPT):
     """The evaluation model: medium layout, either family's forward, batched sdpa attention."""
 
-    def __init__(self, cfg: GPTBatchedConfig, attention: str = "sdpa"):
-        super().__init__(cfg, attention)
+    def __init__(self, cfg: GPTBatchedConfig, attention: str = "sdpa", device=None):
+        super().__init__(cfg, attention, device)
         fam = cfg.fam
         self.blocks = nn.ModuleList(
-            Block(PackedAttention(cfg.model_dim, cfg.num_heads, cfg.head_dim, fam.norm_v)
+            Block(PackedAttention(cfg.model_dim, cfg.num_heads, cfg.head_dim, fam.norm_v, device)
                   if i in cfg.attn_layers else None,
-                  PackedMLP(cfg.model_dim, cfg.mlp_dim), norm_attn_input=fam.norm_attn_input)
+                  PackedMLP(cfg.model_dim, cfg.mlp_dim, device), norm_attn_input=fam.norm_attn_input)
             for i in range(cfg.num_layers))
-        self.lm_head_w = nn.Parameter(torch.zeros(cfg.padded_vocab, cfg.model_dim))
-        self.scalars = nn.Parameter(torch.ones(5 * cfg.num_layers))
+        self.lm_head_w = nn.Parameter(torch.zeros(cfg.padded_vocab, cfg.model_dim, device=device))
+        self.scalars = nn.Parameter(torch.ones(5 * cfg.num_layers, device=device))
 
     def head_weight(self):
         return self.lm_head_w
