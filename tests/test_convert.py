@@ -11,7 +11,7 @@ import torch
 from ckpt_migrate import load_pretrained_checkpoint, synthetic
 from ckpt_migrate.check import CheckSettings
 from ckpt_migrate.convert import ConversionError, UnmappedKeyError, convert_state_dict
-from ckpt_migrate.detect import config_from_record, detect
+from ckpt_migrate.detect import config_from_record
 from ckpt_migrate.migrate import build_model, check_file, convert_file, load_source, reference_model
 from ckpt_migrate.models import GPTBatched
 from ckpt_migrate.check import logit_check

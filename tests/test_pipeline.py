@@ -12,9 +12,8 @@ from ckpt_migrate import load_pretrained_checkpoint, synthetic
 from ckpt_migrate.pipeline import read_report
 
 from .conftest import VOCAB
-from .pipeline_helpers import REPO, SNAKEMAKE, job_counts, make_read_only, make_writable, snakemake, tree_state
+from .pipeline_helpers import job_counts, make_read_only, make_writable, snakemake, tree_state
 
-import subprocess
 
 
 def _small(path, variant="v2", seed=0, step=100, **kw):

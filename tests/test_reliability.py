@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -21,7 +20,6 @@ from ckpt_migrate import synthetic
 from ckpt_migrate.check import CheckSettings
 from ckpt_migrate.migrate import convert_file
 from ckpt_migrate.pipeline import read_report, verify_outputs
-from ckpt_migrate.safe_pickle import inspect_archive
 
 from .conftest import VOCAB
 from .pipeline_helpers import REPO, SNAKEMAKE, make_read_only, make_writable, snakemake, tree_state

@@ -13,7 +13,6 @@ import threading
 import time
 import zipfile
 
-import pytest
 import yaml
 
 from ckpt_migrate import synthetic

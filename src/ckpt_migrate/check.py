@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +130,3 @@ def prepare_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
 def _gpu_name() -> str:
     return f"cuda ({torch.cuda.get_device_name()})"
 
-
-def as_dict(settings: CheckSettings) -> dict:
-    return asdict(settings)

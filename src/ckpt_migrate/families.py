@@ -8,6 +8,7 @@ KellerJordan/modded-nanogpt at 378c4e30/345b2fb9 (train_gpt.py, "small") and 067
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 
@@ -19,10 +20,7 @@ NO_ATTENTION_LAYER = 7  # "skip attention of blocks.7" in both scripts
 
 def next_multiple(value: float, n: int) -> int:
     """Smallest positive multiple of n that is >= value (upstream's next_multiple_of_n)."""
-    k = max(1, -(-int(value) // n))
-    while k * n < value:
-        k += 1
-    return k * n
+    return max(1, math.ceil(value / n)) * n
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .families import HEAD_DIM, NO_ATTENTION_LAYER, WINDOW_BLOCK, GPTBatchedConfig
+from .families import HEAD_DIM, WINDOW_BLOCK, GPTBatchedConfig
 
 ATTN_SCALE = 0.12  # both scripts replace head_dim ** -0.5 by this constant
 
@@ -323,5 +323,3 @@ class GPTBatched(_GPT):
     def packed_scalars(self):
         return self.scalars
 
-
-__all__ = ["GPTBatched", "GPTFlexAttention", "NO_ATTENTION_LAYER", "dense_mask", "flex_block_mask"]
