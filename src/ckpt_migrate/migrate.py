@@ -139,41 +139,52 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
         return result
     # The output is written to a temporary file while the check runs (I/O beside compute), and
     # published by a rename only once the check has passed and the source is unchanged.
-    pending = _BackgroundWrite(dst, converted_payload(record, converted, cfg, bool(record.get("has_optimizer_state"))),
-                           t0) if dst else None
+    payload = converted_payload(record, converted, cfg, bool(record.get("has_optimizer_state")))
+    pending = _BackgroundWrite(dst, payload, t0) if dst else None
     t2 = time.perf_counter()
     _progress("check", t0)
     try:
         reference = reference_model(record, small)
         candidate = build_model(GPTBatched, cfg, converted)
         check = logit_check(reference, candidate, cfg.vocab_size, settings)
-        timings["check_s"] = time.perf_counter() - t2
-    finally:
-        written = pending.finish() if pending else None
+    except BaseException:
+        if pending:
+            pending.finish()
+            pending.file.abort()
+        raise
+    timings["check_s"] = time.perf_counter() - t2
+    written = pending.finish() if pending else None
     del obj
     result.update(check)
     if written is not None:
         timings["write_s"] = written["seconds"]
+    reason = _why_not_published(check, written, dst, _identity(src) != before)
+    if reason:
+        if pending:
+            pending.file.abort()
+        result["reason"] = reason
+        return result
+    if pending:
+        pending.file.commit()
+        result["sha256"], result["converted_bytes"] = written["sha256"], written["bytes"]
+    timings["total_s"] = time.perf_counter() - t0
+    _progress("done", t0)
+    result.update(status="converted", reason="", timings=timings)
+    return result
+
+
+def _why_not_published(check: dict, written: dict | None, dst: str | None, source_changed: bool) -> str:
+    """The one-line reason a conversion is not published, or "" when it is."""
     if not check["check_passed"]:
         why = "non-finite logits" if not check["all_finite"] else (
             f"max |logit diff| {check['max_abs_logit_diff']:.3g} > tolerance {check['tolerance']:.3g}")
-        result["reason"] = f"logit check failed: {why}; nothing written"
-    elif written is not None and written["error"]:
-        result["reason"] = f"cannot write {dst}: {written['error']}; nothing written"
-    elif _identity(src) != before:
-        # The weights we converted may be a mix of the old and the new file: publish nothing.
-        result["reason"] = "the source changed while it was being converted; run again"
-    else:
-        if pending:
-            pending.file.commit()
-            result["sha256"], result["converted_bytes"] = written["sha256"], written["bytes"]
-        timings["total_s"] = time.perf_counter() - t0
-        _progress("done", t0)
-        result.update(status="converted", reason="", timings=timings)
-        return result
-    if pending:
-        pending.file.abort()
-    return result
+        return f"logit check failed: {why}; nothing written"
+    if written is not None and written["error"]:
+        return f"cannot write {dst}: {written['error']}; nothing written"
+    if source_changed:
+        # The weights we converted may be a mix of the old and the new file.
+        return "the source changed while it was being converted; run again"
+    return ""
 
 
 class _BackgroundWrite:
