@@ -4,7 +4,9 @@
 - :func:`write_plan`: all manifests -> ``plan.tsv``, the files that need a conversion.
 - :func:`run_conversion`: one small file -> ``converted/<rel>.pt`` (only if the check passes)
   and ``checks/<rel>.yaml`` (always: a failed check is a record, not a failed job).
-- :func:`write_report`: manifests + check records -> ``report.csv`` and a summary.
+- :func:`write_report`: manifests + check records -> ``report.csv``; :func:`summarize` the
+  end-of-run summary; :func:`check_gate` the non-zero exit after a failed check;
+  :func:`verify_outputs` the later re-verification of converted files.
 
 Every output is written atomically; nothing is ever written under the input root.
 """
@@ -16,6 +18,7 @@ import io
 import logging
 import os
 import re
+import sys
 from typing import Any, Iterable
 
 import yaml
@@ -39,8 +42,6 @@ _RUN_DIR = re.compile(r"^(?P<lang>.+?)_owt_run_(?P<run>[^/]+)$")
 
 def job_logging(log_path: str) -> None:
     """Send this job's stderr and log records to its Snakemake log file."""
-    import sys
-
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     sys.stderr = open(log_path, "a", buffering=1, encoding="utf-8")
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, force=True,
@@ -51,8 +52,6 @@ def check_gate(report_path: str, flag_path: str, allow_check_failures: bool) -> 
     """Write ``flag_path`` unless a conversion failed its check and that is not allowed."""
     failed = [r for r in read_report(report_path) if r["status"] == "failed"]
     if failed and not allow_check_failures:
-        import sys
-
         names = ", ".join(r["relative_path"] for r in failed[:5]) + (" ..." if len(failed) > 5 else "")
         message = (f"{len(failed)} checkpoint(s) failed conversion or its check: {names} "
                    f"(see {report_path}; set allow_check_failures: true to accept)")
