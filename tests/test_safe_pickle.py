@@ -154,3 +154,26 @@ def test_bad_files_are_unreadable_with_one_line(tmp_path, kind, expect):
     found = inspect_archive(str(path))
     assert found.status == "unreadable"
     assert expect in found.reason and "\n" not in found.reason
+
+
+def _one_tensor_archive(path, size: int, storage_numel: int) -> str:
+    """A hand-written torch.save archive: one float tensor of ``size`` elements over a storage of
+    ``storage_numel`` (a consistent file when size <= storage_numel)."""
+    pkl = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n("
+           b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpu"
+           + b"K" + bytes([storage_numel]) + b"tQ"
+           + b"K\x00K" + bytes([size]) + b"\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtR.")
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/data/0", b"\0" * 4 * storage_numel)
+        z.writestr("archive/version", "3\n")
+        z.writestr("archive/byteorder", "little")
+    return str(path)
+
+
+def test_tensor_views_must_stay_inside_their_storage(tmp_path):
+    ok = inspect_archive(_one_tensor_archive(tmp_path / "ok.pt", size=4, storage_numel=4))
+    assert ok.status == "ok" and ok.obj.shape == (4,)
+    assert torch.load(tmp_path / "ok.pt", weights_only=True).shape == (4,)  # a real torch file
+    bad = inspect_archive(_one_tensor_archive(tmp_path / "bad.pt", size=100, storage_numel=4))
+    assert bad.status == "unreadable" and "reaches past its storage of 4 elements" in bad.reason

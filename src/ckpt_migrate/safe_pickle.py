@@ -105,8 +105,14 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
                        backward_hooks=None, metadata=None):
     if not isinstance(storage, StorageStub):
         raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
-    return TensorStub(storage.dtype, tuple(int(s) for s in size), storage.key,
+    stub = TensorStub(storage.dtype, tuple(int(s) for s in size), storage.key,
                       int(storage_offset), tuple(int(s) for s in stride))
+    if len(stub.shape) != len(stub.stride) or any(d < 0 for d in stub.shape + stub.stride) or stub.storage_offset < 0:
+        raise pickle.UnpicklingError(f"tensor of shape {list(stub.shape)} has a malformed layout")
+    if stub.numel and stub.storage_offset + sum((d - 1) * st for d, st in zip(stub.shape, stub.stride)) >= storage.numel:
+        raise pickle.UnpicklingError(f"tensor of shape {list(stub.shape)} reaches past its storage "
+                                     f"of {storage.numel} elements")
+    return stub
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride):
