@@ -1,3 +1,8 @@
+// How docs/img/report_*.png were taken: Snakemake's report in headless Chromium (Debian's
+// chromium package) driven by playwright-core from npm, outside the project:
+//   snakemake --configfile config/demo.yaml --report /tmp/report.html
+//   (cd /tmp/pw && npm install playwright-core && node /path/to/screenshot.js)
+// It opens each report category, clicks the item's view icon and saves a screenshot.
 const { chromium } = require('playwright-core');
 (async () => {
   const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', args: ['--no-sandbox','--disable-gpu','--disable-quic','--no-first-run','--disable-background-networking','--disable-component-update','--disable-sync'] });
