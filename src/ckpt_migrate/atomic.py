@@ -107,18 +107,6 @@ class HashingWriter:
         self._f.flush()
 
 
-def atomic_write_with(path: str, write: Callable[[BinaryIO], None]) -> tuple[str, int]:
-    """Write ``path`` atomically through ``write(f)``; returns (sha256 hex, bytes written)."""
-    pending = PendingFile(path)
-    try:
-        digest = pending.write_with(write)
-        pending.commit()
-    except BaseException:
-        pending.abort()
-        raise
-    return digest
-
-
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import yaml
 
 from . import __version__
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +234,6 @@ def verify_outputs(output_root: str, recheck: bool = False, settings: dict | Non
     from the one recorded at write time, that has no record, or (with ``recheck``) whose logits
     no longer match its source's.
     """
-    from .atomic import sha256_file
-
     checks_dir = os.path.join(output_root, "checks")
     converted_dir = os.path.join(output_root, "converted")
     problems: list[str] = []

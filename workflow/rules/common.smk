@@ -6,7 +6,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 import ckpt_migrate
-from ckpt_migrate.pipeline import NEEDS_A_PERSON, read_plan, read_report, summarize
+from ckpt_migrate.pipeline import read_plan, read_report, summarize
 
 
 validate(config, "../schemas/config.schema.yaml", set_default=True)
