@@ -27,4 +27,4 @@ onsuccess:
 
 
 onerror:
-    print_summary()
+    report_after_error()

@@ -183,6 +183,9 @@ def test_cli_inspect_convert_check(small_v2_path, medium_path, tmp_path, python)
     out = cli("convert", small_v2_path, dst, "--length", "256")
     assert out.returncode == 0 and "converted" in out.stdout and os.path.exists(dst)
     out = cli("check", dst, "--length", "256")
+    # A converted file is never checked against a path read from inside it without being asked.
+    assert out.returncode == 1 and "pass the source file" in out.stderr and "Traceback" not in out.stderr
+    out = cli("check", dst, "--source", small_v2_path, "--length", "256")
     assert out.returncode == 0 and "check passed" in out.stdout
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"")

@@ -12,12 +12,13 @@ import logging
 import os
 import sys
 
-from .detect import FORMAT_LABELS, detect
+from .detect import FORMAT_LABELS
+from .isolate import DEFAULT_MEMORY_MB, DEFAULT_SECONDS, detect_isolated
 
 SHOWN_FIELDS = ("variant", "reason", "num_layers", "num_heads", "head_dim", "model_dim", "mlp_dim",
                 "vocab_size", "padded_vocab", "layers_without_attention", "num_value_embeds", "params",
                 "weight_bytes", "size_bytes", "step", "has_optimizer_state", "long_window_blocks",
-                "window_source", "direct_load", "dtypes", "converted_from", "source_path")
+                "window_source", "direct_load", "dtypes", "converted_from", "pickle_protocol", "pickle_objects")
 
 
 def format_label(record: dict) -> str:
@@ -36,12 +37,14 @@ def _inspect_text(record: dict) -> str:
             value = record[key]
             if isinstance(value, dict):
                 value = ", ".join(f"{k}={v}" for k, v in value.items())
+            elif isinstance(value, list):
+                value = ", ".join(map(str, value))
             lines.append(f"  {key:<26} {value}")
     return "\n".join(lines)
 
 
 def cmd_inspect(args) -> int:
-    records = [detect(p) for p in args.paths]
+    records = [detect_isolated(p, args.seconds, args.memory_mb) for p in args.paths]
     if args.json:
         if not args.tensors:
             for r in records:
@@ -81,7 +84,7 @@ def cmd_check(args) -> int:
     from .migrate import CheckpointError, check_file
 
     try:
-        result = check_file(args.path, _settings(args))
+        result = check_file(args.path, _settings(args), source=args.source)
     except (CheckpointError, ConversionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -140,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--tensors", action="store_true", help="with --json: list every tensor")
+    p.add_argument("--seconds", type=float, default=DEFAULT_SECONDS,
+                   help=f"time budget per file (default: {DEFAULT_SECONDS:g})")
+    p.add_argument("--memory-mb", type=int, default=DEFAULT_MEMORY_MB,
+                   help=f"memory budget per file in MB (default: {DEFAULT_MEMORY_MB})")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("convert", help="convert a small checkpoint to GPTBatched, check, write atomically")
@@ -150,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="logit check of a small, medium or converted checkpoint")
     p.add_argument("path")
+    p.add_argument("--source", help="for a converted file: the small checkpoint it was converted from")
     _add_check_options(p)
     p.set_defaults(func=cmd_check)
 

@@ -26,7 +26,7 @@ from .families import (
     small_expected_shapes,
     window_blocks_at,
 )
-from .safe_pickle import TensorStub, inspect_archive
+from .safe_pickle import DEFAULT_LIMITS, ArchiveInspection, ReaderLimits, TensorStub, inspect_archive, one_line
 
 STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
 CONVERTED_FORMAT = "gptbatched"  # the "format" marker of files this tool writes
@@ -37,7 +37,10 @@ FORMAT_LABELS = {
     "medium": "medium (from train_gpt_medium.py)",
 }
 _STEP_IN_NAME = re.compile(r"(?:best_state|state_step|step)_?(\d+)")
-_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+_BLOCK_KEY = re.compile(r"^blocks\.(\d{1,6})\.")  # bounded: a huge index is just an unexpected key
+MAX_LAYERS = 1024  # beyond this a block index is damage, not a model (and would cost a loop that long)
+MAX_REASON = 300  # characters of a reason in a manifest or the report
+MAX_LISTED_TENSORS = 20_000  # a manifest lists at most this many tensors
 
 
 def strip_prefixes(key: str) -> str:
@@ -119,6 +122,9 @@ def classify(state_dict: dict[str, TensorStub]) -> dict[str, Any]:
         return result
     vocab_rows, model_dim = embed
     num_layers = 1 + max((int(m.group(1)) for k in shapes if (m := _BLOCK_KEY.match(k))), default=-1)
+    if num_layers > MAX_LAYERS:
+        result["reason"] = f"block index {num_layers - 1} is beyond any model this tool knows ({MAX_LAYERS} layers)"
+        return result
     attn_key = "attn.qkvo_w" if family == "medium" else "attn.qkv_w"
     fc_key = "mlp.fc_w" if family == "medium" else "mlp.c_fc.weight"
     attn_shapes = [shapes[f"blocks.{i}.{attn_key}"] for i in range(num_layers)
@@ -180,8 +186,16 @@ def step_from_name(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def detect(path: str) -> dict[str, Any]:
+def detect(path: str, limits: ReaderLimits = DEFAULT_LIMITS) -> dict[str, Any]:
     """Everything a manifest records about the checkpoint at ``path``; never raises for bad input."""
+    return record_from_inspection(path, inspect_archive(path, limits))
+
+
+def record_from_inspection(path: str, inspection: ArchiveInspection) -> dict[str, Any]:
+    """The manifest record of ``path`` from what the reader found in it.
+
+    Values taken from inside the file are data: validated, bounded, and never allowed to set
+    the record's own fields (path, status, ...)."""
     record: dict[str, Any] = {"path": os.path.abspath(path), "realpath": os.path.realpath(path),
                               "format": "unknown", "variant": "", "reason": "", "status": ""}
     try:
@@ -189,37 +203,43 @@ def detect(path: str) -> dict[str, Any]:
         record.update(size_bytes=st.st_size, mtime=st.st_mtime)
     except OSError:
         pass
-    inspection = inspect_archive(path)
     if inspection.status != "ok":
-        record.update(format=inspection.status, status=inspection.status, reason=inspection.reason)
+        record.update(format=inspection.status, status=inspection.status, reason=one_line(inspection.reason, MAX_REASON))
         return record
+    record["pickle_protocol"] = inspection.protocol
+    record["pickle_objects"] = [one_line(name, 80) for name in inspection.objects[:20]]
     obj = inspection.obj
-    if isinstance(obj, dict) and obj.get("format") == CONVERTED_FORMAT and isinstance(obj.get("config"), dict):
+    if isinstance(obj, dict) and obj.get("format") == CONVERTED_FORMAT:
         return _converted_record(record, obj)
     state_dict, wrapper = find_state_dict(obj)
     if state_dict is None:
-        top = sorted(map(str, obj))[:6] if isinstance(obj, dict) else [type(obj).__name__]
-        record.update(status="unknown", reason=f"no model state dict found (top-level: {', '.join(top)})")
+        top = sorted(one_line(k, 40) for k in obj)[:6] if isinstance(obj, dict) else [type(obj).__name__]
+        record.update(status="unknown", reason=one_line(f"no model state dict found (top-level: {', '.join(top)})",
+                                                        MAX_REASON))
         return record
     stripped = {strip_prefixes(k): v for k, v in state_dict.items()}
     if len(stripped) != len(state_dict):
         record.update(status="unknown", reason="two keys collide once _orig_mod./module. prefixes are stripped")
         return record
     record["wrapper"] = wrapper or "(bare state dict)"
-    record["prefixes_stripped"] = sorted({k[: len(k) - len(strip_prefixes(k))] for k in state_dict} - {""})
+    record["prefixes_stripped"] = sorted({k[: len(k) - len(strip_prefixes(k))] for k in state_dict} - {""})[:4]
     record.update(classify(stripped))
+    record["reason"] = one_line(record["reason"], MAX_REASON)
     step = obj.get("step") if isinstance(obj, dict) and wrapper else None
-    record["step"] = int(step) if isinstance(step, int) and not isinstance(step, bool) else step_from_name(path)
+    valid_step = type(step) is int and 0 <= step < 2**62
+    record["step"] = step if valid_step else step_from_name(path)
     code = obj.get("code") if isinstance(obj, dict) else None
     record["num_iterations"] = num_iterations_from_code(code)
-    record["eot_token"] = eot_token_from_code(code) or EOT_TOKEN
+    code_eot = eot_token_from_code(code)
+    record["eot_token"] = code_eot if code_eot is not None else EOT_TOKEN
     record["has_code"] = isinstance(code, str)
     record["has_optimizer_state"] = isinstance(obj, dict) and any(
         obj.get(k) not in (None, [], {}) for k in OPTIMIZER_KEYS)
     record["params"] = sum(v.numel for v in stripped.values())
     record["weight_bytes"] = sum(v.nbytes for v in stripped.values())
     record["dtypes"] = dict(sorted(_count_dtypes(stripped).items()))
-    record["tensors"] = {k: {"shape": list(v.shape), "dtype": v.dtype} for k, v in stripped.items()}
+    record["tensors"] = {one_line(k, 200): {"shape": list(v.shape), "dtype": v.dtype}
+                         for k, v in list(stripped.items())[:MAX_LISTED_TENSORS]}
     if record["format"] in FAMILIES:
         fam = FAMILIES[record["format"]]
         record["long_window_blocks"], record["window_source"] = window_blocks_at(
@@ -232,17 +252,52 @@ def detect(path: str) -> dict[str, Any]:
     return record
 
 
+def converted_config(obj: Any) -> GPTBatchedConfig | None:
+    """The GPTBatchedConfig a converted-format file carries, if every field is well-typed."""
+    cfg = obj.get("config") if isinstance(obj, dict) else None
+    if not isinstance(cfg, dict):
+        return None
+    ints = ("num_layers", "num_heads", "head_dim", "model_dim", "mlp_dim", "vocab_size", "padded_vocab",
+            "long_window_blocks")
+    ok = (cfg.get("family") in FAMILIES
+          and all(type(cfg.get(k)) is int and 0 < cfg[k] <= 2**31 for k in ints)
+          and cfg["num_layers"] <= MAX_LAYERS
+          and isinstance(cfg.get("attn_layers"), list)
+          and all(type(i) is int and 0 <= i < cfg["num_layers"] for i in cfg["attn_layers"])
+          and (cfg.get("eot_token") is None or type(cfg.get("eot_token")) is int)
+          and isinstance(cfg.get("window_source", ""), str))
+    if not ok:
+        return None
+    config = GPTBatchedConfig.from_dict(cfg)
+    config.window_source = one_line(config.window_source, 120)
+    return config
+
+
 def _converted_record(record: dict, obj: dict) -> dict:
-    """A file this tool wrote: report its source family and config instead of re-classifying."""
-    source = obj.get("source") if isinstance(obj.get("source"), dict) else {}
+    """A file in this tool's output format: reported for what it is, from validated fields only."""
+    cfg = converted_config(obj)
     tensors = obj.get("model") if isinstance(obj.get("model"), dict) else {}
-    record.update(obj["config"])
-    record.update(format=CONVERTED_FORMAT, status="converted", variant=str(source.get("variant", "")),
-                  converted_from=str(source.get("format", "")), source_path=str(source.get("path", "")),
-                  step=obj.get("step"), converter_version=str(obj.get("converter_version", "")),
-                  params=sum(v.numel for v in tensors.values() if isinstance(v, TensorStub)),
-                  tensors={k: {"shape": list(v.shape), "dtype": v.dtype}
-                           for k, v in tensors.items() if isinstance(v, TensorStub)})
+    stubs = {k: v for k, v in tensors.items() if isinstance(k, str) and isinstance(v, TensorStub)}
+    if cfg is None or not stubs or len(stubs) != len(tensors):
+        record.update(status="unknown", reason="claims the GPTBatched format, but its config or model is malformed")
+        return record
+    problems = _compare({k: tuple(v.shape) for k, v in stubs.items()}, gptbatched_expected_shapes(cfg))
+    if problems:
+        record.update(status="unknown", reason=one_line("claims the GPTBatched format, but " + "; ".join(problems),
+                                                        MAX_REASON))
+        return record
+    source = obj.get("source") if isinstance(obj.get("source"), dict) else {}
+    step = obj.get("step")
+    record.update({k: v for k, v in cfg.to_dict().items() if k not in ("family",)})
+    record.update(format=CONVERTED_FORMAT, status="not_needed",
+                  converted_from=cfg.family,
+                  variant=one_line(source.get("variant", ""), 8),
+                  reason="already in the GPTBatched layout (a converted file)",
+                  step=step if type(step) is int and 0 <= step < 2**62 else None,
+                  converter_version=one_line(obj.get("converter_version", ""), 40),
+                  params=sum(v.numel for v in stubs.values()),
+                  weight_bytes=sum(v.nbytes for v in stubs.values()),
+                  tensors={k: {"shape": list(v.shape), "dtype": v.dtype} for k, v in stubs.items()})
     return record
 
 

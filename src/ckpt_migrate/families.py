@@ -59,7 +59,9 @@ def window_blocks_at(family: Family, step: int | None, num_iterations: int | Non
     return tokens // WINDOW_BLOCK, f"schedule at step {step} of {num_iterations}"
 
 
-_NUM_ITERATIONS = re.compile(r"^\s*num_iterations\s*(?::\s*int\s*)?=\s*(\d+)", re.MULTILINE)
+# Horizontal whitespace only and bounded digits: ``\s*`` at every line start is quadratic on a
+# long run of blank lines, and a digit run past Python's int limit would raise.
+_NUM_ITERATIONS = re.compile(r"^[ \t]*num_iterations[ \t]*(?::[ \t]*int[ \t]*)?=[ \t]*(\d{1,12})\b", re.MULTILINE)
 
 
 def num_iterations_from_code(code: str | None) -> int | None:
@@ -70,7 +72,7 @@ def num_iterations_from_code(code: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-_EOT_IN_CODE = re.compile(r"docs\s*=\s*\(\s*input_seq\s*==\s*(\d+)\s*\)")
+_EOT_IN_CODE = re.compile(r"docs[ \t]{0,16}=[ \t]{0,16}\([ \t]{0,16}input_seq[ \t]{0,16}==[ \t]{0,16}(\d{1,12})[ \t]{0,16}\)")
 
 
 def eot_token_from_code(code: str | None) -> int | None:

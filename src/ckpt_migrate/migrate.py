@@ -1,8 +1,8 @@
 """File-level operations: load a checkpoint safely, build its models, convert, check, load for use.
 
-Every file is first inspected by :func:`ckpt_migrate.detect.detect` (restricted unpickler,
-no code runs); only a file that inspects as a known family is then opened with
-``torch.load(weights_only=True, mmap=True)``, so optimizer state stays on disk.
+Every file is read by one reader (:mod:`ckpt_migrate.safe_pickle`, no code runs) and its
+tensors are memory-mapped at the offsets that reader validated (:mod:`ckpt_migrate.loader`),
+so what is inspected is what is loaded and optimizer state stays on disk.
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ from . import __version__
 from .atomic import PendingFile
 from .check import CheckSettings, logit_check, prepare_dtype
 from .convert import ConversionError, convert_state_dict
-from .detect import CONVERTED_FORMAT, config_from_record, detect, find_state_dict, strip_prefixes
+from .detect import (CONVERTED_FORMAT, config_from_record, converted_config, find_state_dict,
+                     record_from_inspection, strip_prefixes)
 from .families import GPTBatchedConfig
+from .loader import Checkpoint, CheckpointReadError, open_checkpoint
+from .safe_pickle import TensorStub
 from .models import GPTBatched, GPTFlexAttention
 
 log = logging.getLogger(__name__)
@@ -29,18 +32,23 @@ class CheckpointError(ValueError):
     """The file is not one we can load or convert; the message is one line naming the file."""
 
 
-def load_source(path: str, record: dict | None = None) -> tuple[dict, dict, dict[str, torch.Tensor]]:
-    """(detection record, checkpoint object, prefix-stripped state dict), memory-mapped."""
-    record = record if record is not None else detect(path)
+def load_source(path: str) -> tuple[dict, Checkpoint, dict[str, torch.Tensor]]:
+    """(detection record, the read file, prefix-stripped state dict), memory-mapped.
+
+    The record comes from the same read of the same open file as the tensors. Tensors outside
+    the state dict (optimizer state) stay TensorStubs: described, never read."""
+    try:
+        checkpoint = open_checkpoint(path)
+    except CheckpointReadError as exc:
+        raise CheckpointError(str(exc)) from None
+    record = record_from_inspection(path, checkpoint.inspection)
     if record["format"] not in ("small", "medium", CONVERTED_FORMAT):
         raise CheckpointError(f"{path}: {record['format']}: {record['reason']}")
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    obj = checkpoint.inspection.obj
     if record["format"] == CONVERTED_FORMAT:
-        return record, obj, obj["model"]
-    state_dict, _ = find_state_dict(obj, torch.Tensor)
-    if state_dict is None:  # the file changed since it was inspected
-        raise CheckpointError(f"{path}: no model state dict in the loaded checkpoint")
-    return record, obj, {strip_prefixes(k): v for k, v in state_dict.items()}
+        return record, checkpoint, {k: checkpoint.tensor(v) for k, v in obj["model"].items()}
+    state_dict, _ = find_state_dict(obj, TensorStub)
+    return record, checkpoint, {strip_prefixes(k): checkpoint.tensor(v) for k, v in state_dict.items()}
 
 
 def build_model(cls, cfg: GPTBatchedConfig, state_dict: dict[str, torch.Tensor], **kwargs) -> torch.nn.Module:
@@ -103,8 +111,7 @@ def _identity(path: str) -> tuple:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def convert_file(src: str, dst: str | None, settings: CheckSettings | None = None,
-                 record: dict | None = None) -> dict:
+def convert_file(src: str, dst: str | None, settings: CheckSettings | None = None) -> dict:
     """Convert a small checkpoint, check its logits and, if the check passes, write ``dst`` atomically.
 
     Returns the check record (metrics, timings, output hash). A refused conversion, a failed
@@ -121,13 +128,11 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
     except OSError as exc:
         result["reason"] = f"cannot read the source: {exc.strerror or exc}"
         return result
-    record = record if record is not None else detect(src)
-    if record["format"] != "small":
-        result["reason"] = f"not a small checkpoint ({record['format']}: {record.get('reason', '')})"
-        return result
     _progress("load", t0)
     try:
-        _, obj, small = load_source(src, record)
+        record, checkpoint, small = load_source(src)
+        if record["format"] != "small":
+            raise CheckpointError(f"not a small checkpoint ({record['format']}: {record.get('reason', '')})")
         timings["load_s"] = time.perf_counter() - t0
         _progress("convert", t0)
         cfg = config_from_record(record)
@@ -154,7 +159,7 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
         raise
     timings["check_s"] = time.perf_counter() - t2
     written = pending.finish() if pending else None
-    del obj
+    del checkpoint
     result.update(check)
     if written is not None:
         timings["write_s"] = written["seconds"]
@@ -219,14 +224,20 @@ class _BackgroundWrite:
         return self.outcome
 
 
-def check_file(path: str, settings: CheckSettings | None = None) -> dict:
-    """Logit check of any checkpoint: small (converted in memory), medium (flex vs sdpa), or converted."""
+def check_file(path: str, settings: CheckSettings | None = None, source: str | None = None) -> dict:
+    """Logit check of any checkpoint: small (converted in memory), medium (flex vs sdpa), or converted.
+
+    A converted file is checked against ``source``, the file it was converted from; a path
+    recorded inside the converted file is never followed on its own."""
     settings = settings or CheckSettings()
-    record, obj, state_dict = load_source(path)
+    record, checkpoint, state_dict = load_source(path)
     if record["format"] == CONVERTED_FORMAT:
-        cfg = GPTBatchedConfig.from_dict(obj["config"])
-        source = obj["source"]["path"]
+        if source is None:
+            raise CheckpointError(f"{path}: a converted file is checked against its source: pass the source file")
+        cfg = converted_config(checkpoint.inspection.obj)
         src_record, _, src_sd = load_source(source)
+        if src_record["format"] != cfg.family:
+            raise CheckpointError(f"{source}: is {src_record['format']}, but {path} was converted from {cfg.family}")
         reference, candidate = reference_model(src_record, src_sd), build_model(GPTBatched, cfg, state_dict)
     else:
         cfg = config_from_record(record)
@@ -242,10 +253,10 @@ def load_pretrained_checkpoint(path: str, device: str = "cpu", dtype: torch.dtyp
     Drop-in for the lab's helper: ``model(input_ids)`` takes [B, T] token ids and returns fp32
     soft-capped logits [B, T, padded_vocab]; ``info["format"]`` is "small" or "medium".
     """
-    record, obj, state_dict = load_source(path)
+    record, checkpoint, state_dict = load_source(path)
     if record["format"] == CONVERTED_FORMAT:
-        cfg = GPTBatchedConfig.from_dict(obj["config"])
-        fmt, variant = obj["source"]["format"], obj["source"].get("variant", "")
+        cfg = converted_config(checkpoint.inspection.obj)
+        fmt, variant = cfg.family, record.get("variant", "")
     else:
         cfg = config_from_record(record)
         fmt, variant = record["format"], record.get("variant", "")
@@ -265,11 +276,11 @@ def load_pretrained_checkpoint(path: str, device: str = "cpu", dtype: torch.dtyp
     info = {
         "format": fmt,
         "variant": variant,
-        "step": obj.get("step") if isinstance(obj, dict) else record.get("step"),
+        "step": record.get("step"),
         "config": cfg.to_dict(),
         "path": os.path.abspath(path),
         "converted_file": record["format"] == CONVERTED_FORMAT,
         "label": f"{fmt} (from train_gpt_{fmt}.py)",
     }
     log.info("Format: %s", info["label"])
-    return model, info, obj
+    return model, info, checkpoint.materialize(checkpoint.inspection.obj)

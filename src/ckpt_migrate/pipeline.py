@@ -25,6 +25,8 @@ import yaml
 
 from . import __version__
 from .atomic import atomic_write_text, sha256_file
+from .isolate import DEFAULT_MEMORY_MB, DEFAULT_SECONDS, detect_isolated, display_path
+from .safe_pickle import one_line
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ REPORT_COLUMNS = (
     "model_dim", "num_heads", "vocab_size", "padded_vocab", "params", "size_bytes", "mtime", "status",
     "converted_path", "converted_sha256", "max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement",
     "kl", "loss_ref", "loss_converted", "check_passed", "tolerance", "check_device", "check_dtype", "direct_load_ok",
-    "long_window_blocks", "window_source", "realpath",
+    "long_window_blocks", "window_source", "pickle_objects", "realpath",
 )
 NEEDS_A_PERSON = ("failed", "unknown", "unsafe", "unreadable")
 _RUN_DIR = re.compile(r"^(?P<lang>.+?)_owt_run_(?P<run>[^/]+)$")
@@ -71,8 +73,20 @@ def read_yaml(path: str) -> dict:
         return yaml.load(f, Loader=_YAML_LOADER) or {}
 
 
+def _yaml_text(value: Any) -> Any:
+    """Strings made encodable (a path's non-UTF-8 bytes become \\xNN), in nested dicts and lists."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if isinstance(value, dict):
+        return {_yaml_text(k): _yaml_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_yaml_text(v) for v in value]
+    return value
+
+
 def write_yaml(path: str, data: dict) -> None:
-    atomic_write_text(path, yaml.dump(data, Dumper=_YAML_DUMPER, sort_keys=False, allow_unicode=True, width=120))
+    atomic_write_text(path, yaml.dump(_yaml_text(data), Dumper=_YAML_DUMPER, sort_keys=False, allow_unicode=True,
+                                      width=120))
 
 
 def job_environment() -> dict[str, str]:
@@ -87,12 +101,14 @@ def job_environment() -> dict[str, str]:
     return env
 
 
-def write_manifest(src: str, relative_path: str, manifest_path: str) -> dict:
-    """Detect the format of ``src`` and write its manifest; bad files give a manifest, not an error."""
-    from .detect import detect
+def write_manifest(src: str, relative_path: str, manifest_path: str, seconds: float = DEFAULT_SECONDS,
+                   memory_mb: int = DEFAULT_MEMORY_MB) -> dict:
+    """Detect the format of ``src`` (in a child, within budget) and write its manifest.
 
-    record = detect(src)
-    record = {"relative_path": relative_path, "detector_version": __version__, **record,
+    Bad files give a manifest, not an error; the record holds only plain values (it went
+    through JSON), so it always serializes."""
+    record = detect_isolated(src, seconds, memory_mb)
+    record = {**record, "relative_path": display_path(relative_path), "detector_version": __version__,
               "detected_on": job_environment()}
     write_yaml(manifest_path, record)
     log.info("%s: %s %s %s", relative_path, record["format"], record.get("variant", ""), record.get("reason", ""))
@@ -118,19 +134,23 @@ def read_plan(plan_path: str) -> list[tuple[str, str]]:
 
 
 def run_conversion(src: str, manifest_path: str, converted_path: str, check_path: str,
-                   check_settings: dict[str, Any]) -> dict:
-    """Convert + check one small checkpoint; always writes the check record, the .pt only on success."""
+                   check_settings: dict[str, Any], attempt_path: str | None = None) -> dict:
+    """Convert + check one small checkpoint; always writes the check record, the .pt only on success.
+
+    ``attempt_path`` records where the conversion runs before it starts, so that a job killed
+    from outside (SLURM's memory or time limit, scancel) can still be named in the report."""
+    import time
+
     from .check import CheckSettings
-    from .detect import detect
     from .migrate import convert_file
 
     manifest = read_yaml(manifest_path)
+    if attempt_path:
+        write_yaml(attempt_path, {**job_environment(), "pid": os.getpid(), "started": time.time()})
     settings = CheckSettings(**check_settings)
     try:
-        record = detect(src)  # the file may have changed since detection; decide on what is there now
-        if (record.get("size_bytes"), record.get("mtime")) != (manifest.get("size_bytes"), manifest.get("mtime")):
-            log.warning("%s changed since its manifest was written; converting what is there now", src)
-        result = convert_file(src, converted_path, settings, record)
+        # convert_file reads the file as it is now (one read for the record and the tensors).
+        result = convert_file(src, converted_path, settings)
     except Exception as exc:  # one line in the record; the run goes on with the other checkpoints
         log.exception("conversion of %s failed", src)
         result = {"source": os.path.abspath(src), "status": "failed",
@@ -157,7 +177,8 @@ def report_row(manifest: dict, check: dict | None) -> dict:
     lang, run = lang_and_run(rel)
     row = {key: manifest.get(key, "") for key in REPORT_COLUMNS}
     row.update(relative_path=rel, lang_pair=lang, run=run,
-               direct_load_ok=(manifest.get("direct_load") or {}).get("ok", ""))
+               direct_load_ok=(manifest.get("direct_load") or {}).get("ok", ""),
+               pickle_objects=" ".join(manifest.get("pickle_objects") or []))
     status = manifest.get("status") or "unknown"
     if status == "to_convert":
         if check is None:
@@ -180,12 +201,109 @@ def write_report(manifest_paths: list[str], check_paths: list[str], report_path:
     checks = {c.get("relative_path"): c for c in map(read_yaml, check_paths)}
     manifests = sorted(map(read_yaml, manifest_paths), key=lambda m: m.get("relative_path", ""))
     rows = [report_row(m, checks.get(m.get("relative_path"))) for m in manifests]
+    _write_rows(rows, report_path)
+    return rows
+
+
+def _write_rows(rows: list[dict], report_path: str) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=REPORT_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(report_path, buf.getvalue())
+
+
+class OutputLayout:
+    """Where the pipeline writes each thing under ``output_root``, by checkpoint key."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.report = f"{root}/report.csv"
+        self.plan = f"{root}/plan.tsv"
+
+    def manifest(self, key: str) -> str:
+        return f"{self.root}/manifests/{key}.yaml"
+
+    def check(self, key: str) -> str:
+        return f"{self.root}/checks/{key}.yaml"
+
+    def converted(self, key: str) -> str:
+        return f"{self.root}/converted/{key}.pt"
+
+    def attempt(self, key: str) -> str:
+        """Written when a conversion starts: where it runs (the SLURM job), for a report after a kill."""
+        return f"{self.root}/attempts/{key}.yaml"
+
+    def log(self, rule: str, key: str) -> str:
+        return f"{self.root}/logs/{rule}/{key}.log"
+
+
+def report_after_failure(layout: OutputLayout, relative_paths: dict[str, str]) -> list[dict]:
+    """The report of a run that stopped on a failed job: every checkpoint still gets its row.
+
+    A file whose detection or conversion did not finish is ``failed``, with what is known of
+    why (the SLURM job's state, the log to read); the next run redoes only those."""
+    rows, inputs = [], [layout.plan]
+    for key, rel in sorted(relative_paths.items(), key=lambda kv: kv[1]):
+        manifest_path, check_path = layout.manifest(key), layout.check(key)
+        inputs += [manifest_path, check_path]
+        if os.path.exists(manifest_path):
+            manifest = read_yaml(manifest_path)
+        else:
+            manifest = {"relative_path": display_path(rel), "status": "failed", "format": "",
+                        "reason": f"detection did not finish (log: {layout.log('detect', key)})"}
+        check = None
+        if manifest.get("status") == "to_convert":
+            check = read_yaml(check_path) if os.path.exists(check_path) else {
+                "status": "failed", "reason": unfinished_conversion_reason(layout, key)}
+        rows.append(report_row(manifest, check))
+    _write_rows(rows, layout.report)
+    # Dated just before its oldest input, so that Snakemake sees it as out of date and the
+    # next run writes the complete report (a current date would make it look finished).
+    mtimes = [os.stat(p).st_mtime for p in inputs if os.path.exists(p)]
+    if mtimes:
+        os.utime(layout.report, (min(mtimes) - 1, min(mtimes) - 1))
     return rows
+
+
+def unfinished_conversion_reason(layout: OutputLayout, key: str) -> str:
+    """Why a planned conversion has no check record: its job was killed (and how), or never ran."""
+    attempt_path = layout.attempt(key)
+    if not os.path.exists(attempt_path):
+        return "conversion did not run (the run stopped before it; the next run does it)"
+    attempt = read_yaml(attempt_path)
+    where = f"on {attempt.get('host', '?')}"
+    job_id = str(attempt.get("slurm_job_id") or "")
+    state = slurm_job_state(job_id) if job_id else ""
+    if job_id:
+        where += f" in SLURM job {job_id}" + (f" ({state})" if state else "")
+    return one_line(f"conversion started {where} but did not finish; log: {layout.log('convert', key)}", 300)
+
+
+def slurm_job_state(job_id: str) -> str:
+    """A finished SLURM job's state and reason (e.g. "OUT_OF_MEMORY", "CANCELLED"), or "" if unknown.
+
+    sacct where the cluster keeps accounting; else scontrol, which knows a job for MinJobAge."""
+    import subprocess
+
+    if not re.fullmatch(r"\d+(_\d+)?", job_id):
+        return ""
+    commands = (["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode"],
+                ["scontrol", "-o", "show", "job", job_id])
+    for cmd in commands:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if cmd[0] == "sacct" and out.strip():
+            state, _, code = out.strip().splitlines()[0].partition("|")
+            return f"{state.strip()}, exit code {code.strip()}"
+        fields = dict(item.partition("=")[::2] for item in out.split() if "=" in item)
+        if fields.get("JobState"):
+            reason = fields.get("Reason", "None")
+            return fields["JobState"] + (f", reason {reason}" if reason not in ("None", "") else "") + \
+                f", exit code {fields.get('ExitCode', '?')}"
+    return ""
 
 
 def summarize(rows: Iterable[dict]) -> str:
@@ -217,7 +335,8 @@ def _still_writing(row: dict) -> str:
         age = time.time() - float(row.get("mtime") or "nan")
     except ValueError:
         return ""
-    if row["status"] == "unreadable" and 0 <= age < RECENT_WRITE_S:
+    not_a_file = "not a file" in row.get("reason", "")
+    if row["status"] == "unreadable" and not not_a_file and 0 <= age < RECENT_WRITE_S:
         return f" (modified {age:.0f} s ago: probably still being written; the next run picks it up)"
     return ""
 
@@ -261,7 +380,8 @@ def verify_outputs(output_root: str, recheck: bool = False, settings: dict | Non
                 from .check import CheckSettings
                 from .migrate import check_file
 
-                result = check_file(path, CheckSettings(**(settings or {})))
+                # The source is the one our own record names, not a path read from the converted file.
+                result = check_file(path, CheckSettings(**(settings or {})), source=record.get("source"))
                 if not result["check_passed"]:
                     problems.append(f"recheck failed: {path}: max |logit diff| {result['max_abs_logit_diff']:.3g}")
                     continue

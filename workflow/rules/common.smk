@@ -1,12 +1,14 @@
 # Config validation, the checkpoint list and every input function.
 import glob as globlib
+import hashlib
 import os
+import re
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 import ckpt_migrate
-from ckpt_migrate.pipeline import read_plan, read_report, summarize
+from ckpt_migrate.pipeline import OutputLayout, read_plan, read_report, report_after_failure, summarize
 
 
 validate(config, "../schemas/config.schema.yaml", set_default=True)
@@ -18,46 +20,84 @@ if not os.path.isdir(INPUT_ROOT):
         f"(set it in config/config.yaml or with --config input_root=PATH)"
     )
 OUT = config["output_root"]
+LAYOUT = OutputLayout(OUT)
 # The logit-check settings (check_batch, check_length, ...) as ckpt_migrate.check.CheckSettings takes them.
 CHECK_SETTINGS = {key[len("check_"):]: value for key, value in config.items() if key.startswith("check_")}
 CONVERTER_VERSION = ckpt_migrate.__version__
 
 
 def _checkpoint_key(relative_path):
-    """Wildcard value for a checkpoint: its path under input_root without the .pt suffix."""
-    return relative_path[:-3] if relative_path.endswith(".pt") else relative_path
+    """Wildcard value for a checkpoint: its path under input_root without the .pt suffix.
+
+    Characters Snakemake cannot carry in a wildcard or a file name it writes are %-escaped:
+    braces (its pattern syntax), %, control characters such as a newline, and bytes that are
+    not UTF-8. A folder or file name too long to carry a .yaml or temporary suffix is shortened
+    with a hash, so every path the glob finds gets a key (and a row)."""
+    stem = relative_path[:-3] if relative_path.endswith(".pt") else relative_path
+    escaped = "".join(
+        f"%{ord(ch) - 0xDC00:02X}" if 0xDC80 <= ord(ch) <= 0xDCFF
+        else f"%{ord(ch):02X}" if ch in "%{}" or ord(ch) < 32 or ord(ch) == 127
+        else ch
+        for ch in stem
+    )
+    parts = []
+    for part in escaped.split("/"):
+        if len(os.fsencode(part)) > 180:
+            digest = hashlib.sha256(os.fsencode(part)).hexdigest()[:16]
+            part = f'{os.fsencode(part)[:120].decode("utf-8", "ignore")}~{digest}'
+        parts.append(part)
+    return "/".join(parts)
 
 
-# Everything the glob matches, files or not: a directory or a broken link that matches is
+# Everything the glob matches, files or not: a directory, FIFO or broken link that matches is
 # reported as unreadable rather than silently skipped.
 SOURCES = {
     _checkpoint_key(os.path.relpath(path, INPUT_ROOT)): path
     for path in sorted(globlib.glob(os.path.join(globlib.escape(INPUT_ROOT), config["glob"])))
 }
 CHECKPOINTS = sorted(SOURCES)
+RELATIVE_PATHS = {key: os.path.relpath(path, INPUT_ROOT) for key, path in SOURCES.items()}
+
+def _as_input(path):
+    """The path as a rule input, or nothing where Snakemake would read part of it as a wildcard
+    ("{name}" has no escape in input files), or that holds a line break or bytes that are not
+    UTF-8 (its lock file cannot hold them): such a file is then detected once, like a folder,
+    and redone only when its manifest is deleted."""
+    return [] if NOT_AN_INPUT.search(path) else [path]
+
+
+NOT_AN_INPUT = re.compile(r"\{\s*[.\w]+|[\x00-\x1f\x7f\udc80-\udcff]")
 
 
 def source_path(wildcards):
     return SOURCES[wildcards.ckpt]
 
 
+def source_input(wildcards):
+    return _as_input(SOURCES[wildcards.ckpt])
+
+
 def detect_input(wildcards):
     """The checkpoint file itself, so that a replaced file (newer mtime) is detected again.
-    Not-a-file matches (directories, broken links) have no input and are detected once."""
+    Not-a-file matches (directories, FIFOs, broken links) have no input and are detected once."""
     path = SOURCES[wildcards.ckpt]
-    return [path] if os.path.isfile(path) else []
+    return _as_input(path) if os.path.isfile(path) else []
 
 
 def manifest_path(ckpt):
-    return f"{OUT}/manifests/{ckpt}.yaml"
+    return LAYOUT.manifest(ckpt)
 
 
 def check_path(ckpt):
-    return f"{OUT}/checks/{ckpt}.yaml"
+    return LAYOUT.check(ckpt)
 
 
 def converted_path(wildcards):
-    return f"{OUT}/converted/{wildcards.ckpt}.pt"
+    return LAYOUT.converted(wildcards.ckpt)
+
+
+def attempt_path(wildcards):
+    return LAYOUT.attempt(wildcards.ckpt)
 
 
 def report_inputs(wildcards):
@@ -77,6 +117,18 @@ def report_gate_flag():
 
 def report_figures():
     return [f"{OUT}/figures/{name}" for name in ("logit_check.png", "status_by_lang_pair.png", "report_table.html", "needs_attention.html")]
+
+
+def report_after_error():
+    """onerror: a failed job (a crash, a SLURM kill) still leaves a full report and its figures."""
+    try:
+        report_after_failure(LAYOUT, RELATIVE_PATHS)
+        from ckpt_migrate.plots import write_report_figures
+
+        write_report_figures(LAYOUT.report, *report_figures())
+    except Exception as exc:  # the run is failing already; say why the report is missing too
+        print(f"ckpt-migrate: could not write the report after the failure: {exc}")
+    print_summary()
 
 
 def print_summary():

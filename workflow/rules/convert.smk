@@ -6,12 +6,14 @@
 
 rule convert:
     input:
-        source=source_path,
+        source=source_input,
         manifest=f"{OUT}/manifests/{{ckpt}}.yaml",
     output:
         check=f"{OUT}/checks/{{ckpt}}.yaml",
     params:
+        source=source_path,
         converted=converted_path,
+        attempt=attempt_path,
         check=CHECK_SETTINGS,
         # rerun-triggers track params, not imported library code: a new converter reruns.
         version=CONVERTER_VERSION,

@@ -15,8 +15,10 @@ rule detect:
         manifest=f"{OUT}/manifests/{{ckpt}}.yaml",
     params:
         source=source_path,
-        relative=lambda wildcards: os.path.relpath(SOURCES[wildcards.ckpt], INPUT_ROOT),
+        relative=lambda wildcards: RELATIVE_PATHS[wildcards.ckpt],
         version=CONVERTER_VERSION,
+        seconds=config["inspect_seconds"],
+        memory_mb=config["inspect_memory_mb"],
     conda:
         "../envs/ckpt_migrate.yaml"
     log:

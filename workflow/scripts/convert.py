@@ -2,5 +2,5 @@
 from ckpt_migrate.pipeline import job_logging, run_conversion
 
 job_logging(snakemake.log[0])
-run_conversion(snakemake.input.source, snakemake.input.manifest, snakemake.params.converted,
-               snakemake.output.check, dict(snakemake.params.check))
+run_conversion(snakemake.params.source, snakemake.input.manifest, snakemake.params.converted,
+               snakemake.output.check, dict(snakemake.params.check), snakemake.params.attempt)
