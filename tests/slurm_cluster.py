@@ -42,7 +42,11 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
 GresTypes=gpu
 AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
+# Memory limits enforced as a cgroup-less cluster does: RSS polled every second, a step over
+# its --mem killed (the lab's cluster may use cgroups; the job's log says the same either way).
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=1
+JobAcctGatherParams=OverMemoryKill
 JobCompType=jobcomp/none
 MpiDefault=none
 MinJobAge=600

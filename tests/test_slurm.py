@@ -137,12 +137,40 @@ def test_cancelled_conversion_job_is_reported_and_completed_by_a_rerun(slurm_clu
     output, _ = run.communicate(timeout=300)
     assert run.returncode != 0, output[-3000:]
     assert "Error" in output and "convert" in output
-    assert not (out_root / "report.csv").exists()
+    # The run still ends with a report: the killed conversion is a failed row naming its job.
+    rows = {r["relative_path"]: r for r in read_report(str(out_root / "report.csv"))}
+    assert len(rows) == 3 and rows["hin_urd_owt_run_0/best_state_100.pt"]["status"] == "not_needed"
+    unfinished = [r for r in rows.values() if r["status"] == "failed"]
+    assert unfinished and any(f"SLURM job {job_id} (CANCELLED" in r["reason"] for r in unfinished), unfinished
 
     rerun = slurm_snakemake(slurm_cluster, root, out_root, check_length=4096)
     stop.set()
     watcher.join()
     assert rerun.returncode == 0, rerun.stdout[-4000:]
+    assert job_counts(rerun.stdout)["convert"] == len(unfinished)  # only what did not finish
     statuses = sorted(r["status"] for r in read_report(str(out_root / "report.csv")))
     assert statuses == ["converted", "converted", "not_needed"]
     assert problems == []
+
+
+def test_conversion_killed_for_memory_is_reported_and_redone(slurm_cluster, tmp_path):
+    """SLURM kills the conversion at its memory limit: the run writes its report anyway, the row
+    names the job and what SLURM said, and the next run converts only that file."""
+    root, out_root = tmp_path / "clean_bbpe_50k", tmp_path / "out"
+    _tree(root, n_small=1, n_medium=1)
+    # 600 MB: enough for Snakemake's job step and importing torch, not for a 4096-token check (~1 GB).
+    killed = slurm_snakemake(slurm_cluster, root, out_root, "--set-resources", "convert:mem_mb=600",
+                             check_length=4096)
+    assert killed.returncode != 0, killed.stdout[-3000:]
+    rows = {r["relative_path"]: r for r in read_report(str(out_root / "report.csv"))}
+    row = rows["eng_spa_owt_run_0/best_state_100.pt"]
+    assert row["status"] == "failed" and "SLURM job" in row["reason"], row
+    assert "exceeded its memory limit" in row["reason"] and "logs/convert/" in row["reason"], row["reason"]
+    assert rows["hin_urd_owt_run_0/best_state_100.pt"]["status"] == "not_needed"
+    assert (out_root / "figures" / "report_table.html").exists()
+    assert not (out_root / "converted" / "eng_spa_owt_run_0" / "best_state_100.pt").exists()
+
+    rerun = slurm_snakemake(slurm_cluster, root, out_root, check_length=4096)
+    assert rerun.returncode == 0, rerun.stdout[-4000:]
+    assert job_counts(rerun.stdout).get("convert") == 1 and "detect" not in job_counts(rerun.stdout)
+    assert sorted(r["status"] for r in read_report(str(out_root / "report.csv"))) == ["converted", "not_needed"]

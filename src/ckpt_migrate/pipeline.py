@@ -141,12 +141,13 @@ def run_conversion(src: str, manifest_path: str, converted_path: str, check_path
     from outside (SLURM's memory or time limit, scancel) can still be named in the report."""
     import time
 
+    # Recorded before torch is even imported: a job killed for memory may not get further.
+    if attempt_path:
+        write_yaml(attempt_path, {**job_environment(), "pid": os.getpid(), "started": time.time()})
     from .check import CheckSettings
     from .migrate import convert_file
 
     manifest = read_yaml(manifest_path)
-    if attempt_path:
-        write_yaml(attempt_path, {**job_environment(), "pid": os.getpid(), "started": time.time()})
     settings = CheckSettings(**check_settings)
     try:
         # convert_file reads the file as it is now (one read for the record and the tensors).
@@ -280,30 +281,50 @@ def unfinished_conversion_reason(layout: OutputLayout, key: str) -> str:
     return one_line(f"conversion started {where} but did not finish; log: {layout.log('convert', key)}", 300)
 
 
+# What a SLURM job's own log says when SLURM or the kernel stopped it.
+_SLURM_LOG_SIGNS = (("Exceeded job memory limit", "exceeded its memory limit"), ("oom-kill", "killed for memory (OOM)"),
+                    ("DUE TO TIME LIMIT", "hit its time limit"), ("DUE TO NODE FAILURE", "node failure"),
+                    ("CANCELLED AT", "cancelled"))
+
+
 def slurm_job_state(job_id: str) -> str:
-    """A finished SLURM job's state and reason (e.g. "OUT_OF_MEMORY", "CANCELLED"), or "" if unknown.
+    """A finished SLURM job's state (e.g. "OUT_OF_MEMORY", "CANCELLED") and what its log says, or "".
 
     sacct where the cluster keeps accounting; else scontrol, which knows a job for MinJobAge."""
     import subprocess
 
     if not re.fullmatch(r"\d+(_\d+)?", job_id):
         return ""
-    commands = (["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode"],
-                ["scontrol", "-o", "show", "job", job_id])
-    for cmd in commands:
+    state, log_path = "", ""
+    for cmd in (["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode"],
+                ["scontrol", "-o", "show", "job", job_id]):
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout
         except (OSError, subprocess.SubprocessError):
             continue
-        if cmd[0] == "sacct" and out.strip():
-            state, _, code = out.strip().splitlines()[0].partition("|")
-            return f"{state.strip()}, exit code {code.strip()}"
+        if cmd[0] == "sacct":
+            if out.strip():
+                job_state, _, code = out.strip().splitlines()[0].partition("|")
+                state = f"{job_state.strip()}, exit code {code.strip()}"
+            continue
         fields = dict(item.partition("=")[::2] for item in out.split() if "=" in item)
-        if fields.get("JobState"):
+        log_path = fields.get("StdOut", "")
+        if fields.get("JobState") and not state:
             reason = fields.get("Reason", "None")
-            return fields["JobState"] + (f", reason {reason}" if reason not in ("None", "") else "") + \
-                f", exit code {fields.get('ExitCode', '?')}"
-    return ""
+            state = (fields["JobState"] + (f", reason {reason}" if reason not in ("None", "") else "")
+                     + f", exit code {fields.get('ExitCode', '?')}")
+    return "; ".join(part for part in (state, _slurm_log_says(log_path)) if part)
+
+
+def _slurm_log_says(path: str) -> str:
+    """What the job's log says stopped it (SLURM writes these lines itself), or ""."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 65536))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return ", ".join(meaning for sign, meaning in _SLURM_LOG_SIGNS if sign in tail)
 
 
 def summarize(rows: Iterable[dict]) -> str:
