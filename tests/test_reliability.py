@@ -279,7 +279,7 @@ CATALOGUE = [
         b"K\x00K\x04\x85", b"K\x00\x8a\x08\xff\xff\xff\xff\xff\xff\xff\x3f\x85") + b".", {"0": b"\0" * 16}),
      "unreadable", "2**48"),
     ("tuple_dag_key", _raw_pickle(_DAG_KEY), "unreadable", "dict key"),
-    ("deep_tuple_key", _raw_pickle(b"\x80\x02})" + b"\x85" * 1_000_000 + b"K\x01s."), "unreadable", "dict key"),
+    ("deep_tuple_key", _raw_pickle(b"\x80\x02})" + b"\x85" * 900_000 + b"K\x01s."), "unreadable", "dict key"),
     ("memo_index_2e31", _raw_pickle(b"\x80\x02Nr\xff\xff\xff\x7f."), "unknown", "no model state dict"),
     ("empty_set_flood", _raw_pickle(b"\x80\x04(" + b"\x8f" * 2_000_000 + b"l."), "unreadable", "objects"),
     ("huge_block_index", _huge_block_index, "unknown", "block index"),

@@ -160,6 +160,8 @@ def run_conversion(src: str, manifest_path: str, converted_path: str, check_path
         # A previous good conversion of an older file must not stand for this one.
         os.unlink(converted_path)
     result = {"relative_path": manifest.get("relative_path", ""), **result, "converted_on": job_environment()}
+    if display_path(src) != src:  # the YAML text of the path is not the path: keep its bytes too
+        result["source_path_hex"] = os.fsencode(os.path.abspath(src)).hex()
     write_yaml(check_path, result)
     log.info("%s: %s %s", src, result["status"], result.get("reason", ""))
     return result
@@ -399,10 +401,16 @@ def verify_outputs(output_root: str, recheck: bool = False, settings: dict | Non
                 continue
             if recheck:
                 from .check import CheckSettings
-                from .migrate import check_file
+                from .migrate import CheckpointError, check_file
 
                 # The source is the one our own record names, not a path read from the converted file.
-                result = check_file(path, CheckSettings(**(settings or {})), source=record.get("source"))
+                source = (os.fsdecode(bytes.fromhex(record["source_path_hex"])) if record.get("source_path_hex")
+                          else record.get("source"))
+                try:
+                    result = check_file(path, CheckSettings(**(settings or {})), source=source)
+                except CheckpointError as exc:
+                    problems.append(f"recheck failed: {path}: {exc}")
+                    continue
                 if not result["check_passed"]:
                     problems.append(f"recheck failed: {path}: max |logit diff| {result['max_abs_logit_diff']:.3g}")
                     continue
