@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
+import subprocess
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from ckpt_migrate import load_pretrained_checkpoint, synthetic
 from ckpt_migrate.pipeline import read_report
 
 from .conftest import VOCAB
-from .pipeline_helpers import job_counts, make_read_only, make_writable, snakemake, tree_state
+from .pipeline_helpers import REPO, SNAKEMAKE, job_counts, make_read_only, make_writable, snakemake, tree_state
 
 
 
@@ -199,3 +201,25 @@ def test_failed_check_writes_report_then_exits_nonzero(tmp_path):
     assert "1 checkpoint(s) failed" in proc.stdout + proc.stderr
     ok = snakemake(str(root), str(out), config={"allow_check_failures": "True"})
     assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_outputs_honour_the_umask(tmp_path, umask):
+    """Shared scratch: every file and folder written has the mode open()/mkdir give under the umask."""
+    root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
+    sd = synthetic.small_state_dict("v2", vocab=VOCAB, seed=1)
+    synthetic.save(synthetic.upstream_checkpoint(sd, "small", step=100), str(root / "eng_spa_owt_run_1/best_state_100.pt"))
+    cmd = [SNAKEMAKE, "--cores", "2", "--config", f"input_root={root}", f"output_root={out}", "check_length=128"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          preexec_fn=lambda: os.umask(umask))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    modes = {}
+    for folder, dirs, files in os.walk(out):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            modes[os.path.relpath(path, out)] = stat.S_IMODE(os.stat(path).st_mode)
+    expected_file, expected_dir = 0o666 & ~umask, 0o777 & ~umask
+    wrong = {p: oct(m) for p, m in modes.items()
+             if m != (expected_dir if os.path.isdir(os.path.join(out, p)) else expected_file)}
+    assert "converted/eng_spa_owt_run_1/best_state_100.pt" in modes and "report.csv" in modes
+    assert wrong == {}, wrong

@@ -25,7 +25,12 @@ class PendingFile:
         os.makedirs(self.folder, exist_ok=True)
         _remove_stale_temporaries(path)
         fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=self.folder)
-        os.close(fd)
+        try:
+            # mkstemp creates 0600 whatever the umask; the lab shares outputs, so give the file
+            # the mode open() would have (0666 less the umask) before anything is written.
+            os.fchmod(fd, 0o666 & ~current_umask())
+        finally:
+            os.close(fd)
 
     def write_with(self, write: Callable[[BinaryIO], None]) -> tuple[str, int]:
         """Write the whole content through ``write(f)`` and fsync; returns (sha256 hex, bytes)."""
@@ -58,6 +63,17 @@ def atomic_open(path: str) -> Iterator[BinaryIO]:
     except BaseException:
         pending.abort()
         raise
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux /proc), else by setting it back."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def _remove_stale_temporaries(path: str) -> None:

@@ -186,13 +186,17 @@ def step_from_name(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def detect(path: str, limits: ReaderLimits = DEFAULT_LIMITS) -> dict[str, Any]:
+def detect(path: str, limits: ReaderLimits = DEFAULT_LIMITS, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything a manifest records about the checkpoint at ``path``; never raises for bad input."""
-    return record_from_inspection(path, inspect_archive(path, limits))
+    return record_from_inspection(path, inspect_archive(path, limits), overrides)
 
 
-def record_from_inspection(path: str, inspection: ArchiveInspection) -> dict[str, Any]:
+def record_from_inspection(path: str, inspection: ArchiveInspection,
+                           overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest record of ``path`` from what the reader found in it.
+
+    ``overrides`` (``eot_token``, ``num_iterations``) are what the user states for this run;
+    they win over what is read from the file, and the record says where each value came from.
 
     Values taken from inside the file are data: validated, bounded, and never allowed to set
     the record's own fields (path, status, ...)."""
@@ -229,10 +233,9 @@ def record_from_inspection(path: str, inspection: ArchiveInspection) -> dict[str
     valid_step = type(step) is int and 0 <= step < 2**62
     record["step"] = step if valid_step else step_from_name(path)
     code = obj.get("code") if isinstance(obj, dict) else None
-    record["num_iterations"] = num_iterations_from_code(code)
-    code_eot = eot_token_from_code(code)
-    record["eot_token"] = code_eot if code_eot is not None else EOT_TOKEN
     record["has_code"] = isinstance(code, str)
+    if record["format"] in FAMILIES:
+        _infer_settings(record, code, overrides or {})
     record["has_optimizer_state"] = isinstance(obj, dict) and any(
         obj.get(k) not in (None, [], {}) for k in OPTIMIZER_KEYS)
     record["params"] = sum(v.numel for v in stripped.values())
@@ -252,6 +255,33 @@ def record_from_inspection(path: str, inspection: ArchiveInspection) -> dict[str
     return record
 
 
+def _infer_settings(record: dict, code: Any, overrides: dict[str, Any]) -> None:
+    """Document separator and schedule length: the user's setting, else the training code, else a
+    default that is used only where it can be right. Each value is recorded with its source."""
+    notes = record.setdefault("notes", [])
+    if overrides.get("num_iterations") is not None:
+        record["num_iterations"], record["num_iterations_source"] = int(overrides["num_iterations"]), "config"
+    else:
+        record["num_iterations"] = num_iterations_from_code(code)
+        record["num_iterations_source"] = "code" if record["num_iterations"] is not None else "none"
+    code_eot = eot_token_from_code(code)
+    vocab = record.get("vocab_size") or 0
+    if overrides.get("eot_token") is not None:
+        record["eot_token"], record["eot_token_source"] = int(overrides["eot_token"]), "config"
+    elif code_eot is not None:  # 0 is a separator like any other
+        record["eot_token"], record["eot_token_source"] = code_eot, "code"
+    elif EOT_TOKEN < vocab:
+        record["eot_token"], record["eot_token_source"] = EOT_TOKEN, "default"
+        notes.append(f"document separator not in the file: assumed {EOT_TOKEN} (GPT-2's); set eot_token if wrong")
+    else:
+        record["eot_token"], record["eot_token_source"] = None, "none"
+        notes.append(f"document separator not in the file, and the default {EOT_TOKEN} is outside the vocabulary "
+                     f"({vocab}): no document masking; set eot_token in the config")
+    if record["eot_token"] is not None and vocab and not 0 <= record["eot_token"] < vocab:
+        notes.append(f"eot_token {record['eot_token']} ({record['eot_token_source']}) is outside the vocabulary "
+                     f"({vocab}): it never occurs, so no document masking")
+
+
 def converted_config(obj: Any) -> GPTBatchedConfig | None:
     """The GPTBatchedConfig a converted-format file carries, if every field is well-typed."""
     cfg = obj.get("config") if isinstance(obj, dict) else None
@@ -265,11 +295,12 @@ def converted_config(obj: Any) -> GPTBatchedConfig | None:
           and isinstance(cfg.get("attn_layers"), list)
           and all(type(i) is int and 0 <= i < cfg["num_layers"] for i in cfg["attn_layers"])
           and (cfg.get("eot_token") is None or type(cfg.get("eot_token")) is int)
-          and isinstance(cfg.get("window_source", ""), str))
+          and isinstance(cfg.get("window_source", ""), str) and isinstance(cfg.get("eot_source", ""), str))
     if not ok:
         return None
     config = GPTBatchedConfig.from_dict(cfg)
     config.window_source = one_line(config.window_source, 120)
+    config.eot_source = one_line(config.eot_source, 20)
     return config
 
 
@@ -333,4 +364,5 @@ def config_from_record(record: dict) -> GPTBatchedConfig:
         long_window_blocks=record["long_window_blocks"],
         window_source=record.get("window_source", ""),
         eot_token=record.get("eot_token", EOT_TOKEN),
+        eot_source=record.get("eot_token_source", ""),
     )

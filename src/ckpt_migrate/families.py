@@ -99,6 +99,7 @@ class GPTBatchedConfig:
     long_window_blocks: int  # long sliding window in 128-token blocks; short is long // 2
     window_source: str = ""  # why these windows: schedule at the step, or family default
     eot_token: int | None = EOT_TOKEN  # attention never crosses this token; None = no documents
+    eot_source: str = ""  # where eot_token came from: config, code, default or none
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -51,7 +51,7 @@ def _virtual_memory_bytes() -> int:
         return 0
 
 
-def _child(path: str, seconds: float, memory_mb: int, write_fd: int) -> None:
+def _child(path: str, seconds: float, memory_mb: int, write_fd: int, overrides: dict | None) -> None:
     """In the forked child: limit, detect, write the JSON record, exit without cleanup."""
     try:
         budget = memory_mb * 2**20
@@ -62,7 +62,7 @@ def _child(path: str, seconds: float, memory_mb: int, write_fd: int) -> None:
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
         from .detect import detect
 
-        record = detect(path, ReaderLimits(seconds=seconds))
+        record = detect(path, ReaderLimits(seconds=seconds), overrides)
         record["path"], record["realpath"] = display_path(record["path"]), display_path(record["realpath"])
         data = json.dumps(record, default=str).encode()
     except MemoryError:
@@ -77,7 +77,8 @@ def _child(path: str, seconds: float, memory_mb: int, write_fd: int) -> None:
         os._exit(0)
 
 
-def detect_isolated(path: str, seconds: float = DEFAULT_SECONDS, memory_mb: int = DEFAULT_MEMORY_MB) -> dict:
+def detect_isolated(path: str, seconds: float = DEFAULT_SECONDS, memory_mb: int = DEFAULT_MEMORY_MB,
+                    overrides: dict | None = None) -> dict:
     """The manifest record of ``path``, detected in a child with ``seconds`` and ``memory_mb``.
 
     Never raises for anything about the file: a child that crashes, is killed, or overruns its
@@ -86,7 +87,7 @@ def detect_isolated(path: str, seconds: float = DEFAULT_SECONDS, memory_mb: int 
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
-        _child(path, seconds, memory_mb, write_fd)
+        _child(path, seconds, memory_mb, write_fd, overrides)
     os.close(write_fd)
     chunks: list[bytes] = []
     deadline = time.monotonic() + seconds + 5  # the child stops itself at `seconds`; this is the backstop

@@ -21,6 +21,7 @@ from .convert import ConversionError, convert_state_dict
 from .detect import (CONVERTED_FORMAT, config_from_record, converted_config, find_state_dict,
                      record_from_inspection, strip_prefixes)
 from .families import GPTBatchedConfig
+from .fingerprint import converter_fingerprint
 from .loader import Checkpoint, CheckpointReadError, open_checkpoint
 from .safe_pickle import TensorStub
 from .models import GPTBatched, GPTFlexAttention
@@ -32,7 +33,7 @@ class CheckpointError(ValueError):
     """The file is not one we can load or convert; the message is one line naming the file."""
 
 
-def load_source(path: str) -> tuple[dict, Checkpoint, dict[str, torch.Tensor]]:
+def load_source(path: str, overrides: dict | None = None) -> tuple[dict, Checkpoint, dict[str, torch.Tensor]]:
     """(detection record, the read file, prefix-stripped state dict), memory-mapped.
 
     The record comes from the same read of the same open file as the tensors. Tensors outside
@@ -41,7 +42,7 @@ def load_source(path: str) -> tuple[dict, Checkpoint, dict[str, torch.Tensor]]:
         checkpoint = open_checkpoint(path)
     except CheckpointReadError as exc:
         raise CheckpointError(str(exc)) from None
-    record = record_from_inspection(path, checkpoint.inspection)
+    record = record_from_inspection(path, checkpoint.inspection, overrides)
     if record["format"] not in ("small", "medium", CONVERTED_FORMAT):
         raise CheckpointError(f"{path}: {record['format']}: {record['reason']}")
     obj = checkpoint.inspection.obj
@@ -86,6 +87,7 @@ def converted_payload(record: dict, state_dict: dict[str, torch.Tensor], cfg: GP
             "variant": record.get("variant", ""),
         },
         "converter_version": __version__,
+        "converter_fingerprint": converter_fingerprint(),
         "optimizer_state": ("not carried (the source has optimizer state)" if had_optimizer
                             else "not carried (the source has none)"),
     }
@@ -111,7 +113,8 @@ def _identity(path: str) -> tuple:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def convert_file(src: str, dst: str | None, settings: CheckSettings | None = None) -> dict:
+def convert_file(src: str, dst: str | None, settings: CheckSettings | None = None,
+                 overrides: dict | None = None) -> dict:
     """Convert a small checkpoint, check its logits and, if the check passes, write ``dst`` atomically.
 
     Returns the check record (metrics, timings, output hash). A refused conversion, a failed
@@ -122,7 +125,8 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     result: dict[str, Any] = {"source": os.path.abspath(src), "converted_path": dst or "",
-                              "converter_version": __version__, "status": "failed"}
+                              "converter_version": __version__, "converter_fingerprint": converter_fingerprint(),
+                              "status": "failed"}
     try:
         before = _identity(src)
     except OSError as exc:
@@ -130,7 +134,7 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
         return result
     _progress("load", t0)
     try:
-        record, checkpoint, small = load_source(src)
+        record, checkpoint, small = load_source(src, overrides)
         if record["format"] != "small":
             raise CheckpointError(f"not a small checkpoint ({record['format']}: {record.get('reason', '')})")
         timings["load_s"] = time.perf_counter() - t0

@@ -36,7 +36,8 @@ REPORT_COLUMNS = (
     "model_dim", "num_heads", "vocab_size", "padded_vocab", "params", "size_bytes", "mtime", "status",
     "converted_path", "converted_sha256", "max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement",
     "kl", "loss_ref", "loss_converted", "check_passed", "tolerance", "check_device", "check_dtype", "direct_load_ok",
-    "long_window_blocks", "window_source", "pickle_objects", "realpath",
+    "long_window_blocks", "window_source", "eot_token", "eot_token_source", "num_iterations", "num_iterations_source",
+    "notes", "pickle_objects", "realpath",
 )
 NEEDS_A_PERSON = ("failed", "unknown", "unsafe", "unreadable")
 _RUN_DIR = re.compile(r"^(?P<lang>.+?)_owt_run_(?P<run>[^/]+)$")
@@ -102,12 +103,12 @@ def job_environment() -> dict[str, str]:
 
 
 def write_manifest(src: str, relative_path: str, manifest_path: str, seconds: float = DEFAULT_SECONDS,
-                   memory_mb: int = DEFAULT_MEMORY_MB) -> dict:
+                   memory_mb: int = DEFAULT_MEMORY_MB, overrides: dict | None = None) -> dict:
     """Detect the format of ``src`` (in a child, within budget) and write its manifest.
 
     Bad files give a manifest, not an error; the record holds only plain values (it went
     through JSON), so it always serializes."""
-    record = detect_isolated(src, seconds, memory_mb)
+    record = detect_isolated(src, seconds, memory_mb, overrides)
     record = {**record, "relative_path": display_path(relative_path), "detector_version": __version__,
               "detected_on": job_environment()}
     write_yaml(manifest_path, record)
@@ -134,7 +135,8 @@ def read_plan(plan_path: str) -> list[tuple[str, str]]:
 
 
 def run_conversion(src: str, manifest_path: str, converted_path: str, check_path: str,
-                   check_settings: dict[str, Any], attempt_path: str | None = None) -> dict:
+                   check_settings: dict[str, Any], attempt_path: str | None = None,
+                   overrides: dict | None = None) -> dict:
     """Convert + check one small checkpoint; always writes the check record, the .pt only on success.
 
     ``attempt_path`` records where the conversion runs before it starts, so that a job killed
@@ -151,7 +153,7 @@ def run_conversion(src: str, manifest_path: str, converted_path: str, check_path
     settings = CheckSettings(**check_settings)
     try:
         # convert_file reads the file as it is now (one read for the record and the tensors).
-        result = convert_file(src, converted_path, settings)
+        result = convert_file(src, converted_path, settings, overrides)
     except Exception as exc:  # one line in the record; the run goes on with the other checkpoints
         log.exception("conversion of %s failed", src)
         result = {"source": os.path.abspath(src), "status": "failed",
@@ -174,14 +176,35 @@ def lang_and_run(relative_path: str) -> tuple[str, str]:
     return (match.group("lang"), match.group("run")) if match else ("", "")
 
 
+def iso_utc(seconds: Any) -> str:
+    """Seconds since 1970 as ISO 8601 UTC (``2026-11-28T01:14:55+00:00``); "" when unknown."""
+    from datetime import datetime, timezone
+
+    try:
+        return datetime.fromtimestamp(float(seconds), timezone.utc).isoformat(timespec="seconds")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return ""
+
+
+def _seconds(text: str) -> float:
+    """A report time back to seconds since 1970 (ISO 8601, or the old float form)."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return float(text or "nan")
+
+
 def report_row(manifest: dict, check: dict | None) -> dict:
     """One report row from a manifest and, for small files, its check record."""
     rel = manifest.get("relative_path", "")
     lang, run = lang_and_run(rel)
     row = {key: manifest.get(key, "") for key in REPORT_COLUMNS}
-    row.update(relative_path=rel, lang_pair=lang, run=run,
+    row.update(relative_path=rel, lang_pair=lang, run=run, mtime=iso_utc(manifest.get("mtime")),
                direct_load_ok=(manifest.get("direct_load") or {}).get("ok", ""),
-               pickle_objects=" ".join(manifest.get("pickle_objects") or []))
+               pickle_objects=" ".join(manifest.get("pickle_objects") or []),
+               notes="; ".join(manifest.get("notes") or []))
     status = manifest.get("status") or "unknown"
     if status == "to_convert":
         if check is None:
@@ -355,7 +378,7 @@ def _still_writing(row: dict) -> str:
     import time
 
     try:
-        age = time.time() - float(row.get("mtime") or "nan")
+        age = time.time() - _seconds(row.get("mtime") or "")
     except ValueError:
         return ""
     not_a_file = "not a file" in row.get("reason", "")
@@ -376,6 +399,9 @@ def verify_outputs(output_root: str, recheck: bool = False, settings: dict | Non
     from the one recorded at write time, that has no record, or (with ``recheck``) whose logits
     no longer match its source's.
     """
+    from .fingerprint import converter_fingerprint
+
+    current = converter_fingerprint()
     checks_dir = os.path.join(output_root, "checks")
     converted_dir = os.path.join(output_root, "converted")
     problems: list[str] = []
@@ -398,6 +424,10 @@ def verify_outputs(output_root: str, recheck: bool = False, settings: dict | Non
             digest = sha256_file(path)
             if digest != record.get("sha256"):
                 problems.append(f"changed: {path}: sha256 {digest[:16]}... != recorded {str(record.get('sha256'))[:16]}...")
+                continue
+            if record.get("converter_fingerprint") != current:
+                problems.append(f"outdated: {path} was made by converter {record.get('converter_fingerprint') or '?'}, "
+                                f"this one is {current} (rerun the pipeline to reconvert)")
                 continue
             if recheck:
                 from .check import CheckSettings

@@ -7,7 +7,7 @@ import re
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-import ckpt_migrate
+from ckpt_migrate.fingerprint import converter_fingerprint, detector_fingerprint
 from ckpt_migrate.pipeline import OutputLayout, read_plan, read_report, report_after_failure, summarize
 
 
@@ -23,7 +23,11 @@ OUT = config["output_root"]
 LAYOUT = OutputLayout(OUT)
 # The logit-check settings (check_batch, check_length, ...) as ckpt_migrate.check.CheckSettings takes them.
 CHECK_SETTINGS = {key[len("check_"):]: value for key, value in config.items() if key.startswith("check_")}
-CONVERTER_VERSION = ckpt_migrate.__version__
+# Rerun triggers: every conversion (detection) is redone when the code that decides it changes.
+CONVERTER_FINGERPRINT = converter_fingerprint()
+DETECTOR_FINGERPRINT = detector_fingerprint()
+# What the lab states for this run, over what is read from the files (null: read from each file).
+OVERRIDES = {key: config[key] for key in ("eot_token", "num_iterations")}
 
 
 def _checkpoint_key(relative_path):

@@ -15,8 +15,9 @@ rule convert:
         converted=converted_path,
         attempt=attempt_path,
         check=CHECK_SETTINGS,
-        # rerun-triggers track params, not imported library code: a new converter reruns.
-        version=CONVERTER_VERSION,
+        overrides=OVERRIDES,
+        # rerun-triggers track params, not imported library code: a changed converter reruns.
+        converter=CONVERTER_FINGERPRINT,
     resources:
         gpu=1,
         mem_mb=16000,

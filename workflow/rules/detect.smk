@@ -16,9 +16,10 @@ rule detect:
     params:
         source=source_path,
         relative=lambda wildcards: RELATIVE_PATHS[wildcards.ckpt],
-        version=CONVERTER_VERSION,
+        detector=DETECTOR_FINGERPRINT,
         seconds=config["inspect_seconds"],
         memory_mb=config["inspect_memory_mb"],
+        overrides=OVERRIDES,
     conda:
         "../envs/ckpt_migrate.yaml"
     log:

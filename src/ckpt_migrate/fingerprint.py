@@ -1,0 +1,40 @@
+"""The converter's fingerprint: a hash of every module that decides a converted file's bytes or its check.
+
+Recorded in every converted file and check record, and the ``convert`` rule's rerun trigger:
+a change to any of these modules makes Snakemake redo every conversion, and ``verify-outputs``
+names files made by another converter. Report, plotting and workflow code are not part of it,
+so changing them redoes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+# Reading and loading (what is converted), layout tables and conversion, the models' forwards,
+# the logit check, and the file format written.
+CONVERTER_MODULES = ("safe_pickle.py", "loader.py", "detect.py", "families.py", "convert.py", "models.py",
+                     "check.py", "migrate.py", "atomic.py")
+
+
+# What decides a manifest: the reader, the classification, and the isolation around it.
+DETECTOR_MODULES = ("safe_pickle.py", "detect.py", "families.py", "isolate.py")
+
+
+def converter_fingerprint() -> str:
+    """16 hex characters of the sha256 over the converter modules' source, in a fixed order."""
+    return _fingerprint(CONVERTER_MODULES)
+
+
+def detector_fingerprint() -> str:
+    """The same over the modules that decide a manifest (a changed reader redoes every detection)."""
+    return _fingerprint(DETECTOR_MODULES)
+
+
+def _fingerprint(modules: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in modules:
+        with open(os.path.join(here, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read() + b"\0")
+    return digest.hexdigest()[:16]
