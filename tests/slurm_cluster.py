@@ -59,6 +59,9 @@ KillWait=5
 NodeName={host} CPUs=8 RealMemory=64000 Gres=gpu:1 State=UNKNOWN
 PartitionName=cpu Nodes={host} Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes={host} MaxTime=INFINITE State=UP
+# A partition whose only node has no GPU and never registers: what `ckpt-migrate doctor` must flag.
+NodeName=nogpu1 NodeAddr=127.0.0.2 CPUs=2 RealMemory=1000 State=DOWN Reason=test_node_without_gpu
+PartitionName=nogpu Nodes=nogpu1 MaxTime=60 State=UP
 """
 
 GRES_CONF = "NodeName={host} Name=gpu Count=1 File=/dev/null\n"

@@ -96,3 +96,23 @@ def test_a_converter_change_reconverts_and_a_report_change_does_not(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ckpt_migrate.cli", "verify-outputs", str(out)],
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "outdated:" in proc.stdout and "0123456789abcdef" in proc.stdout
+
+
+def test_periodic_runs_never_overlap(tmp_path):
+    """scripts/run_periodic.sh: a run that finds the previous one still going exits 0 at once."""
+    import fcntl
+
+    root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
+    _small(root / "eng_spa_owt_run_1/best_state_100.pt")
+    lock = tmp_path / "periodic.lock"
+    cmd = ["bash", "scripts/run_periodic.sh", "--cores", "2", "--config", f"input_root={root}",
+           f"output_root={out}", "check_length=128"]
+    env = {**os.environ, "CKPT_MIGRATE_LOCK": str(lock)}
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a run in progress
+        skipped = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert skipped.returncode == 0 and "still holds" in skipped.stdout and not out.exists()
+    ran = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    assert "run ends with status 0" in ran.stdout
+    assert [r["status"] for r in read_report(str(out / "report.csv"))] == ["converted"]

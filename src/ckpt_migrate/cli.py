@@ -18,7 +18,8 @@ from .isolate import DEFAULT_MEMORY_MB, DEFAULT_SECONDS, detect_isolated
 SHOWN_FIELDS = ("variant", "reason", "num_layers", "num_heads", "head_dim", "model_dim", "mlp_dim",
                 "vocab_size", "padded_vocab", "layers_without_attention", "num_value_embeds", "params",
                 "weight_bytes", "size_bytes", "step", "has_optimizer_state", "long_window_blocks",
-                "window_source", "direct_load", "dtypes", "converted_from", "pickle_protocol", "pickle_objects")
+                "window_source", "eot_token", "eot_token_source", "num_iterations", "num_iterations_source", "notes",
+                "direct_load", "dtypes", "converted_from", "pickle_protocol", "pickle_objects")
 
 
 def format_label(record: dict) -> str:
@@ -44,7 +45,7 @@ def _inspect_text(record: dict) -> str:
 
 
 def cmd_inspect(args) -> int:
-    records = [detect_isolated(p, args.seconds, args.memory_mb) for p in args.paths]
+    records = [detect_isolated(p, args.seconds, args.memory_mb, _overrides(args)) for p in args.paths]
     if args.json:
         if not args.tensors:
             for r in records:
@@ -62,6 +63,17 @@ def _settings(args):
                          tolerance=args.tolerance, device=args.device)
 
 
+def _overrides(args) -> dict:
+    return {"eot_token": args.eot_token, "num_iterations": args.num_iterations}
+
+
+def _add_override_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eot-token", type=int, default=None,
+                   help="document separator id, over what the file's code says (default: read from the file)")
+    p.add_argument("--num-iterations", type=int, default=None,
+                   help="training length for the attention windows (default: read from the file)")
+
+
 def _print_check(result: dict) -> None:
     keys = ("status", "reason", "max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement", "kl",
             "loss_ref", "loss_converted", "check_passed", "check_device", "check_dtype", "sha256")
@@ -73,7 +85,7 @@ def _print_check(result: dict) -> None:
 def cmd_convert(args) -> int:
     from .migrate import convert_file
 
-    result = convert_file(args.src, args.dst, _settings(args))
+    result = convert_file(args.src, args.dst, _settings(args), _overrides(args))
     print(f"{args.src} -> {args.dst}: {result['status']}")
     _print_check(result)
     return 0 if result["status"] == "converted" else 1
@@ -117,6 +129,19 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from .doctor import run_doctor
+
+    findings = run_doctor(args.profile, args.workflow_profile, args.configfile, args.config or [],
+                          do_probe=args.probe, local=args.local)
+    for finding in findings:
+        print(finding.line())
+    failed = sum(f.level == "FAIL" for f in findings)
+    warned = sum(f.level == "warn" for f in findings)
+    print(f"{len(findings)} checks: {failed} FAIL, {warned} warn")
+    return 1 if failed else 0
+
+
 def cmd_demo_tree(args) -> int:
     from .synthetic import make_demo_tree
 
@@ -147,12 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"time budget per file (default: {DEFAULT_SECONDS:g})")
     p.add_argument("--memory-mb", type=int, default=DEFAULT_MEMORY_MB,
                    help=f"memory budget per file in MB (default: {DEFAULT_MEMORY_MB})")
+    _add_override_options(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("convert", help="convert a small checkpoint to GPTBatched, check, write atomically")
     p.add_argument("src")
     p.add_argument("dst")
     _add_check_options(p)
+    _add_override_options(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("check", help="logit check of a small, medium or converted checkpoint")
@@ -170,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="print the summary of an existing run's report.csv")
     p.add_argument("output_root")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("doctor", help="check the cluster, profile and config before a run (ok/warn/FAIL lines)")
+    p.add_argument("--profile", help="Snakemake profile folder, e.g. profiles/slurm")
+    p.add_argument("--workflow-profile", help="a second profile whose keys replace the first's (as in Snakemake)")
+    p.add_argument("--configfile", default="config/config.yaml", help="workflow config (default: config/config.yaml)")
+    p.add_argument("--config", nargs="*", metavar="KEY=VALUE", help="config overrides, as snakemake --config takes them")
+    p.add_argument("--probe", action="store_true", help="submit one short job to the conversion partition and report it")
+    p.add_argument("--local", action="store_true", help="run the probe here instead of through SLURM")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("demo-tree", help="write the built-in demo checkpoint tree")
     p.add_argument("root")
