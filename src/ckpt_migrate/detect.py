@@ -217,7 +217,8 @@ def record_from_inspection(path: str, inspection: ArchiveInspection,
         return _converted_record(record, obj)
     state_dict, wrapper = find_state_dict(obj)
     if state_dict is None:
-        top = sorted(one_line(k, 40) for k in obj)[:6] if isinstance(obj, dict) else [type(obj).__name__]
+        top = (sorted(one_line(k, 40) for k in obj if isinstance(k, str))[:6] if isinstance(obj, dict)
+               else [type(obj).__name__])
         record.update(status="unknown", reason=one_line(f"no model state dict found (top-level: {', '.join(top)})",
                                                         MAX_REASON))
         return record
