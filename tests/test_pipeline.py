@@ -93,7 +93,8 @@ def test_report_has_one_row_per_checkpoint(first_run):
 def test_only_small_files_got_conversion_jobs(first_run):
     tree, out, proc, _ = first_run
     assert job_counts(proc.stdout + proc.stderr)["convert"] == 3
-    assert job_counts(proc.stdout + proc.stderr)["detect"] == 7
+    assert job_counts(proc.stdout + proc.stderr)["plan"] == 1  # one job detects all seven
+    assert "detected 7 file(s), reused 0 manifest(s)" in (out / "logs/plan.log").read_text()
     checks = sorted(os.path.relpath(os.path.join(d, f), out / "checks")
                     for d, _, fs in os.walk(out / "checks") for f in fs)
     assert checks == ["eng_spa_owt_run_1/best_state_100.yaml", "eng_spa_owt_run_2/best_state_200.yaml",
@@ -161,15 +162,16 @@ def test_incremental_new_run_replaced_file_and_file_completed_later(tmp_path):
     _small(root / "eng_spa_owt_run_2/best_state_100.pt", seed=4)
     proc = snakemake(str(root), str(out))
     assert proc.returncode == 0
-    assert job_counts(proc.stdout + proc.stderr) == {"all": 1, "convert": 1, "detect": 1, "gate": 1,
+    assert job_counts(proc.stdout + proc.stderr) == {"all": 1, "convert": 1, "gate": 1,
                                                      "plan": 1, "report": 1, "figures": 1}
+    assert _last_plan_line(out).startswith("detected 1 file(s)")
     assert "eng_spa_owt_run_2/best_state_100" in proc.stdout + proc.stderr
 
     # The partial file completes (new mtime): it is detected again and converted.
     shutil.copyfile(whole, partial)
     proc = snakemake(str(root), str(out))
     counts = job_counts(proc.stdout + proc.stderr)
-    assert counts["detect"] == 1 and counts["convert"] == 1
+    assert counts["plan"] == 1 and counts["convert"] == 1 and _last_plan_line(out).startswith("detected 1 file(s)")
     statuses = {r["relative_path"]: r["status"] for r in read_report(str(out / "report.csv"))}
     assert statuses["rus_pol_owt_run_1/best_state_100.pt"] == "converted"
 
@@ -179,10 +181,17 @@ def test_incremental_new_run_replaced_file_and_file_completed_later(tmp_path):
     _small(first, seed=99)
     proc = snakemake(str(root), str(out))
     counts = job_counts(proc.stdout + proc.stderr)
-    assert counts.get("detect") == 1 and counts.get("convert") == 1, proc.stdout + proc.stderr
+    assert counts.get("plan") == 1 and counts.get("convert") == 1, proc.stdout + proc.stderr
+    assert _last_plan_line(out).startswith("detected 1 file(s)")
     new_sha = {r["relative_path"]: r["converted_sha256"] for r in read_report(str(out / "report.csv"))}
     assert new_sha["eng_spa_owt_run_1/best_state_100.pt"] != old_sha["eng_spa_owt_run_1/best_state_100.pt"]
     assert "Nothing to be done" in snakemake(str(root), str(out), "-n").stdout
+
+
+def _last_plan_line(out) -> str:
+    """What the last plan job said it detected (its log is appended to by every run)."""
+    line = [l for l in (out / "logs/plan.log").read_text().splitlines() if "detected" in l][-1]
+    return line.split("ckpt_migrate.pipeline: ", 1)[1]
 
 
 def test_failed_check_writes_report_then_exits_nonzero(tmp_path):

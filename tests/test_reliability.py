@@ -542,5 +542,5 @@ def test_killed_conversion_still_gets_a_report_and_a_rerun_finishes_it(tmp_path)
     rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     counts = job_counts(rerun.stdout + rerun.stderr)
-    assert counts.get("convert") == 2 and "detect" not in counts  # the killed one and the one never run
+    assert counts.get("convert") == 2 and "plan" not in counts  # the killed one and the one never run
     assert sorted(r["status"] for r in read_report(str(out / "report.csv"))) == ["converted", "converted"]

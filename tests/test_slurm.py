@@ -82,8 +82,8 @@ def test_pipeline_through_slurm_matches_local_run(slurm_cluster, tmp_path):
     assert len(job_ids) == submissions < len(checks)
     # Detection, plan, report and gate ran in this process, not through SLURM.
     counts = job_counts(out)
-    assert counts["detect"] == 6 and counts["convert"] == 4
-    assert all(f"localrule {rule}:" in out for rule in ("detect", "report", "gate"))
+    assert counts["plan"] == 1 and counts["convert"] == 4
+    assert "localcheckpoint plan:" in out and all(f"localrule {rule}:" in out for rule in ("report", "gate"))
     assert not any(m.get("detected_on", {}).get("slurm_job_id") for m in _records(tmp_path / "slurm/manifests").values())
 
     local_rows = [{k: r[k] for k in COMPARED} for r in read_report(str(tmp_path / "local/report.csv"))]
@@ -172,5 +172,5 @@ def test_conversion_killed_for_memory_is_reported_and_redone(slurm_cluster, tmp_
 
     rerun = slurm_snakemake(slurm_cluster, root, out_root, check_length=4096)
     assert rerun.returncode == 0, rerun.stdout[-4000:]
-    assert job_counts(rerun.stdout).get("convert") == 1 and "detect" not in job_counts(rerun.stdout)
+    assert job_counts(rerun.stdout).get("convert") == 1 and "plan" not in job_counts(rerun.stdout)
     assert sorted(r["status"] for r in read_report(str(out_root / "report.csv"))) == ["converted", "not_needed"]

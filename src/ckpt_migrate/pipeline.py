@@ -1,10 +1,11 @@
 """What the Snakemake jobs do, one function per job (the workflow's scripts call these).
 
-- :func:`write_manifest`: detection of one file -> ``manifests/<rel>.yaml`` (no torch).
-- :func:`write_plan`: all manifests -> ``plan.tsv``, the files that need a conversion.
+- :func:`detect_and_plan`: detection of every new or changed file in one process (each in a
+  budgeted child, no torch) -> ``manifests/<rel>.yaml`` and ``plan.tsv``, the files to convert.
 - :func:`run_conversion`: one small file -> ``converted/<rel>.pt`` (only if the check passes)
   and ``checks/<rel>.yaml`` (always: a failed check is a record, not a failed job).
-- :func:`write_report`: manifests + check records -> ``report.csv``; :func:`summarize` the
+- :func:`write_report`: plan + manifests + check records -> ``report.csv``;
+  :func:`report_after_failure` the same after a failed job; :func:`summarize` the
   end-of-run summary; :func:`check_gate` the non-zero exit after a failed check;
   :func:`verify_outputs` the later re-verification of converted files.
 
@@ -30,7 +31,7 @@ from .safe_pickle import one_line
 
 log = logging.getLogger(__name__)
 
-PLAN_HEADER = ("relative_path", "status")
+PLAN_HEADER = ("key", "status")  # key: the checkpoint's wildcard value (its path, %-escaped, without .pt)
 REPORT_COLUMNS = (
     "path", "relative_path", "lang_pair", "run", "step", "format", "variant", "reason", "num_layers",
     "model_dim", "num_heads", "vocab_size", "padded_vocab", "params", "size_bytes", "mtime", "status",
@@ -102,29 +103,94 @@ def job_environment() -> dict[str, str]:
     return env
 
 
+class OutputLayout:
+    """Where the pipeline writes each thing under ``output_root``, by checkpoint key."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.report = f"{root}/report.csv"
+        self.plan = f"{root}/plan.tsv"
+
+    def manifest(self, key: str) -> str:
+        return f"{self.root}/manifests/{key}.yaml"
+
+    def check(self, key: str) -> str:
+        return f"{self.root}/checks/{key}.yaml"
+
+    def converted(self, key: str) -> str:
+        return f"{self.root}/converted/{key}.pt"
+
+    def attempt(self, key: str) -> str:
+        """Written when a conversion starts: where it runs (the SLURM job), for a report after a kill."""
+        return f"{self.root}/attempts/{key}.yaml"
+
+    def log(self, rule: str, key: str) -> str:
+        return f"{self.root}/logs/{rule}/{key}.log"
+
+
 def write_manifest(src: str, relative_path: str, manifest_path: str, seconds: float = DEFAULT_SECONDS,
                    memory_mb: int = DEFAULT_MEMORY_MB, overrides: dict | None = None) -> dict:
     """Detect the format of ``src`` (in a child, within budget) and write its manifest.
 
     Bad files give a manifest, not an error; the record holds only plain values (it went
     through JSON), so it always serializes."""
+    from .fingerprint import detector_fingerprint
+
     record = detect_isolated(src, seconds, memory_mb, overrides)
     record = {**record, "relative_path": display_path(relative_path), "detector_version": __version__,
+              "detector_fingerprint": detector_fingerprint(), "overrides": dict(overrides or {}),
               "detected_on": job_environment()}
     write_yaml(manifest_path, record)
-    log.info("%s: %s %s %s", relative_path, record["format"], record.get("variant", ""), record.get("reason", ""))
+    log.info("%s: %s %s %s", display_path(relative_path), record["format"], record.get("variant", ""),
+             record.get("reason", ""))
     return record
 
 
-def write_plan(manifests: dict[str, str], plan_path: str) -> list[str]:
-    """TSV of every checkpoint and its detection status; returns those to convert."""
-    rows = [(rel, read_yaml(path).get("status", "unknown")) for rel, path in sorted(manifests.items())]
+def _still_current(manifest_path: str, src: str, overrides: dict) -> dict | None:
+    """The manifest, if it describes ``src`` as it is now (same size and mtime, same detector and overrides)."""
+    from .fingerprint import detector_fingerprint
+
+    try:
+        record = read_yaml(manifest_path)
+    except (OSError, yaml.YAMLError):
+        return None
+    try:
+        st = os.stat(src)
+        now = (st.st_size, st.st_mtime)
+    except OSError:
+        now = (None, None)
+    same = (record.get("size_bytes"), record.get("mtime")) == now
+    if same and record.get("detector_fingerprint") == detector_fingerprint() and record.get("overrides") == overrides:
+        return record
+    return None
+
+
+def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], layout: OutputLayout,
+                    seconds: float = DEFAULT_SECONDS, memory_mb: int = DEFAULT_MEMORY_MB,
+                    overrides: dict | None = None) -> list[str]:
+    """Detect every checkpoint whose manifest is missing or stale, in this one process, and write the plan.
+
+    A manifest is reused when its file's size and mtime, the detector and the overrides are
+    unchanged, so a rerun detects only what is new or changed. Returns the keys to convert."""
+    import time
+
+    overrides = dict(overrides or {})
+    rows, detected, t0 = [], 0, time.perf_counter()
+    for key in sorted(sources):
+        manifest_path = layout.manifest(key)
+        record = _still_current(manifest_path, sources[key], overrides)
+        if record is None:
+            record = write_manifest(sources[key], relative_paths[key], manifest_path, seconds, memory_mb, overrides)
+            detected += 1
+        rows.append((key, record.get("status", "unknown")))
+    log.info("detected %d file(s), reused %d manifest(s) in %.1f s", detected, len(rows) - detected,
+             time.perf_counter() - t0)
     buf = io.StringIO()
     writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
     writer.writerow(PLAN_HEADER)
     writer.writerows(rows)
-    atomic_write_text(plan_path, buf.getvalue())
-    return [rel for rel, status in rows if status == "to_convert"]
+    atomic_write_text(layout.plan, buf.getvalue())
+    return [key for key, status in rows if status == "to_convert"]
 
 
 def read_plan(plan_path: str) -> list[tuple[str, str]]:
@@ -222,12 +288,15 @@ def report_row(manifest: dict, check: dict | None) -> dict:
     return row
 
 
-def write_report(manifest_paths: list[str], check_paths: list[str], report_path: str) -> list[dict]:
-    """``report.csv`` with one row per manifest, joined with check records on ``relative_path``."""
-    checks = {c.get("relative_path"): c for c in map(read_yaml, check_paths)}
-    manifests = sorted(map(read_yaml, manifest_paths), key=lambda m: m.get("relative_path", ""))
-    rows = [report_row(m, checks.get(m.get("relative_path"))) for m in manifests]
-    _write_rows(rows, report_path)
+def write_report(layout: OutputLayout) -> list[dict]:
+    """``report.csv``: one row per checkpoint in the plan, from its manifest and, for small files, its check record."""
+    rows = []
+    for key, status in read_plan(layout.plan):
+        manifest = read_yaml(layout.manifest(key))
+        check = read_yaml(layout.check(key)) if status == "to_convert" and os.path.exists(layout.check(key)) else None
+        rows.append(report_row(manifest, check))
+    rows.sort(key=lambda r: r["relative_path"])
+    _write_rows(rows, layout.report)
     return rows
 
 
@@ -237,31 +306,6 @@ def _write_rows(rows: list[dict], report_path: str) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(report_path, buf.getvalue())
-
-
-class OutputLayout:
-    """Where the pipeline writes each thing under ``output_root``, by checkpoint key."""
-
-    def __init__(self, root: str):
-        self.root = root
-        self.report = f"{root}/report.csv"
-        self.plan = f"{root}/plan.tsv"
-
-    def manifest(self, key: str) -> str:
-        return f"{self.root}/manifests/{key}.yaml"
-
-    def check(self, key: str) -> str:
-        return f"{self.root}/checks/{key}.yaml"
-
-    def converted(self, key: str) -> str:
-        return f"{self.root}/converted/{key}.pt"
-
-    def attempt(self, key: str) -> str:
-        """Written when a conversion starts: where it runs (the SLURM job), for a report after a kill."""
-        return f"{self.root}/attempts/{key}.yaml"
-
-    def log(self, rule: str, key: str) -> str:
-        return f"{self.root}/logs/{rule}/{key}.log"
 
 
 def report_after_failure(layout: OutputLayout, relative_paths: dict[str, str]) -> list[dict]:

@@ -65,8 +65,8 @@ RELATIVE_PATHS = {key: os.path.relpath(path, INPUT_ROOT) for key, path in SOURCE
 def _as_input(path):
     """The path as a rule input, or nothing where Snakemake would read part of it as a wildcard
     ("{name}" has no escape in input files), or that holds a line break or bytes that are not
-    UTF-8 (its lock file cannot hold them): such a file is then detected once, like a folder,
-    and redone only when its manifest is deleted."""
+    UTF-8 (its lock file cannot hold them): a change to such a file is seen when the plan runs
+    for another reason (or with --forcerun plan), not by its mtime."""
     return [] if NOT_AN_INPUT.search(path) else [path]
 
 
@@ -81,15 +81,11 @@ def source_input(wildcards):
     return _as_input(SOURCES[wildcards.ckpt])
 
 
-def detect_input(wildcards):
-    """The checkpoint file itself, so that a replaced file (newer mtime) is detected again.
-    Not-a-file matches (directories, FIFOs, broken links) have no input and are detected once."""
-    path = SOURCES[wildcards.ckpt]
-    return _as_input(path) if os.path.isfile(path) else []
-
-
-def manifest_path(ckpt):
-    return LAYOUT.manifest(ckpt)
+def detect_inputs():
+    """Every match that is a file Snakemake can carry as an input, so that a new or replaced
+    checkpoint (newer mtime) reruns the plan. Other matches (folders, FIFOs, broken links, odd
+    names) are in the plan's params: a change in the list of matches reruns it too."""
+    return [p for path in SOURCES.values() if os.path.isfile(path) for p in _as_input(path)]
 
 
 def check_path(ckpt):
@@ -105,13 +101,11 @@ def attempt_path(wildcards):
 
 
 def report_inputs(wildcards):
-    """All manifests, and a check record for each file the plan says to convert."""
+    """The plan, and a check record for each file it says to convert."""
     plan = checkpoints.plan.get().output.plan
-    to_convert = [rel for rel, status in read_plan(plan) if status == "to_convert"]
     return {
         "plan": plan,
-        "manifests": [manifest_path(c) for c in CHECKPOINTS],
-        "checks": [check_path(c) for c in to_convert],
+        "checks": [check_path(key) for key, status in read_plan(plan) if status == "to_convert"],
     }
 
 

@@ -7,11 +7,13 @@
 rule convert:
     input:
         source=source_input,
-        manifest=f"{OUT}/manifests/{{ckpt}}.yaml",
+        # Order only: the plan is rewritten whenever a new file lands, which must not redo this.
+        plan=ancient(LAYOUT.plan),
     output:
         check=f"{OUT}/checks/{{ckpt}}.yaml",
     params:
         source=source_path,
+        manifest=lambda wildcards: LAYOUT.manifest(wildcards.ckpt),
         converted=converted_path,
         attempt=attempt_path,
         check=CHECK_SETTINGS,

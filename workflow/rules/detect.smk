@@ -1,42 +1,25 @@
-# Detection: one local job per checkpoint (no torch), then one aggregate checkpoint rule that
-# decides which files get a conversion. A checkpoint per file would re-evaluate the DAG after
-# every detection job; one aggregate checkpoint re-evaluates it once.
+# Detection and plan: one local job that detects every new or changed checkpoint (each in a
+# budgeted child process, no torch) and lists which need a conversion. It is a checkpoint, so
+# the conversions are known only once it has run; a rerun reuses every manifest whose file,
+# detector and overrides are unchanged, so it detects only what is new.
 
 
 localrules:
-    detect,
     plan,
-
-
-rule detect:
-    input:
-        source=detect_input,
-    output:
-        manifest=f"{OUT}/manifests/{{ckpt}}.yaml",
-    params:
-        source=source_path,
-        relative=lambda wildcards: RELATIVE_PATHS[wildcards.ckpt],
-        detector=DETECTOR_FINGERPRINT,
-        seconds=config["inspect_seconds"],
-        memory_mb=config["inspect_memory_mb"],
-        overrides=OVERRIDES,
-    conda:
-        "../envs/ckpt_migrate.yaml"
-    log:
-        f"{OUT}/logs/detect/{{ckpt}}.log",
-    benchmark:
-        f"{OUT}/benchmarks/detect/{{ckpt}}.tsv"
-    script:
-        "../scripts/detect.py"
 
 
 checkpoint plan:
     input:
-        manifests=[manifest_path(c) for c in CHECKPOINTS],
+        sources=detect_inputs(),
     output:
-        plan=f"{OUT}/plan.tsv",
+        plan=LAYOUT.plan,
     params:
-        checkpoints=CHECKPOINTS,
+        sources=SOURCES,
+        relative=RELATIVE_PATHS,
+        seconds=config["inspect_seconds"],
+        memory_mb=config["inspect_memory_mb"],
+        overrides=OVERRIDES,
+        detector=DETECTOR_FINGERPRINT,
     conda:
         "../envs/ckpt_migrate.yaml"
     log:

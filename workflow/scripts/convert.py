@@ -2,6 +2,6 @@
 from ckpt_migrate.pipeline import job_logging, run_conversion
 
 job_logging(snakemake.log[0])
-run_conversion(snakemake.params.source, snakemake.input.manifest, snakemake.params.converted,
+run_conversion(snakemake.params.source, snakemake.params.manifest, snakemake.params.converted,
                snakemake.output.check, dict(snakemake.params.check), snakemake.params.attempt,
                dict(snakemake.params.overrides))

@@ -1,5 +1,6 @@
-"""Snakemake job: list every checkpoint's detection status; the small ones get conversions."""
-from ckpt_migrate.pipeline import job_logging, write_plan
+"""Snakemake job: detect every new or changed checkpoint and list which get a conversion."""
+from ckpt_migrate.pipeline import OutputLayout, detect_and_plan, job_logging
 
 job_logging(snakemake.log[0])
-write_plan(dict(zip(snakemake.params.checkpoints, snakemake.input.manifests)), snakemake.output.plan)
+detect_and_plan(dict(snakemake.params.sources), dict(snakemake.params.relative), OutputLayout(snakemake.config["output_root"]),
+                snakemake.params.seconds, snakemake.params.memory_mb, dict(snakemake.params.overrides))

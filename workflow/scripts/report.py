@@ -1,5 +1,5 @@
-"""Snakemake job: one report row per checkpoint, from the manifests and check records."""
-from ckpt_migrate.pipeline import job_logging, write_report
+"""Snakemake job: one report row per checkpoint, from the plan, the manifests and the check records."""
+from ckpt_migrate.pipeline import OutputLayout, job_logging, write_report
 
 job_logging(snakemake.log[0])
-write_report(list(snakemake.input.manifests), list(snakemake.input.checks), snakemake.output.csv)
+write_report(OutputLayout(snakemake.config["output_root"]))
