@@ -19,8 +19,9 @@ from .pipeline_helpers import REPO
 
 @pytest.fixture(scope="module")
 def folders():
-    """A tree and an output folder on a filesystem that is not node-local (not under /tmp)."""
-    base = tempfile.mkdtemp(prefix="doctor-", dir=os.path.join(REPO, ".pytest_cache"))
+    """A tree and an output folder on a filesystem that is not node-local: the home folder, since
+    the checkout itself may be under /tmp."""
+    base = tempfile.mkdtemp(prefix=".ckpt-migrate-doctor-", dir=os.path.expanduser("~"))
     root = os.path.join(base, "clean_bbpe_50k")
     sd = synthetic.small_state_dict("v2", vocab=VOCAB)
     synthetic.save(synthetic.upstream_checkpoint(sd, "small"), os.path.join(root, "eng_spa_owt_run_1/best_state_1.pt"))
