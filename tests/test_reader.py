@@ -318,6 +318,24 @@ def test_real_world_objects_are_inert_records_and_convert(real_world_checkpoint,
     assert shown.returncode == 0 and "argparse.Namespace" in shown.stdout and "__main__.TrainConfig" in shown.stdout
 
 
+@pytest.mark.parametrize("protocol", range(6))
+def test_standard_library_values_are_records(tmp_path, protocol):
+    import datetime
+    import decimal
+    import fractions
+    import pathlib
+
+    path = _small(tmp_path / "s.pt", protocol=protocol, saved_at=datetime.datetime(2026, 1, 2),
+                  out_dir=pathlib.Path("/runs/eng_spa"), lr=decimal.Decimal("0.02"), frac=fractions.Fraction(1, 3),
+                  raw=bytearray(b"\x00\xff"), od=collections.OrderedDict(a=1))
+    inspection = inspect_archive(path)
+    assert inspection.status == "ok", inspection.reason
+    assert inspection.obj["raw"] == b"\x00\xff" and inspection.obj["od"] == {"a": 1}
+    assert inspection.obj["out_dir"].cls == "pathlib.PosixPath"
+    assert {"datetime.datetime", "pathlib.PosixPath", "decimal.Decimal", "fractions.Fraction"} <= set(inspection.objects)
+    assert detect(path)["status"] == "to_convert"
+
+
 # --- unsafe means: would call something ----------------------------------------------------------
 
 @pytest.mark.parametrize("pkl,callee", [
@@ -329,6 +347,8 @@ def test_real_world_objects_are_inert_records_and_convert(real_world_checkpoint,
     (b"\x80\x04\x8c\x08builtins\x8c\x03set\x93)}X\x01\x00\x00\x00aK\x01s\x92.", "builtins.set"),
     # a record used as a callable
     (b"\x80\x02c__main__\nThing\n)\x81X\x04\x00\x00\x00true\x85R.", "PickledObject"),
+    # protocol 0/1 instance creation whose base class __init__ would run a command
+    (b"ccopyreg\n_reconstructor\n(c__main__\nX\ncsubprocess\nPopen\nS'touch /tmp/x'\ntR.", "subprocess.Popen"),
 ])
 def test_calls_outside_reconstruction_are_unsafe(tmp_path, pkl, callee):
     record = _verdict(_zip_with_pickle(tmp_path / "u.pt", pkl))

@@ -205,7 +205,7 @@ class PickleMachine:
             ("builtins", "frozenset"): lambda items=(): self._set(items, frozenset),
             ("builtins", "complex"): self._complex,
             ("builtins", "bytes"): lambda items=(): self._bytes(items),
-            ("builtins", "bytearray"): lambda items=b"": self._bytes(items),
+            ("builtins", "bytearray"): self._bytearray,
             ("_codecs", "encode"): self._codecs_encode,
             ("copyreg", "_reconstructor"): self._reconstructor,
             ("torch", "device"): self._device,
@@ -252,6 +252,8 @@ class PickleMachine:
     # -- reconstruction functions (the call opcodes' only targets)
     def _dict_from(self, items: Any = ()) -> dict:
         result: dict = {}
+        if isinstance(items, dict):
+            items = list(items.items())
         for pair in items if isinstance(items, (list, tuple)) else ():
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
                 raise UnreadableError("OrderedDict built from something that is not key/value pairs")
@@ -281,6 +283,10 @@ class PickleMachine:
             return bytes(items)
         raise UnreadableError("bytes built from something that is not bytes")
 
+    def _bytearray(self, data: Any = b"", encoding: Any = None) -> bytes:
+        # Protocol 2 pickles bytearray(b) as bytearray(b.decode("latin-1"), "latin-1").
+        return self._codecs_encode(data, encoding) if encoding is not None else self._bytes(data)
+
     def _codecs_encode(self, text: Any, encoding: Any = "utf-8") -> bytes:
         # Protocol < 3 pickles bytes as _codecs.encode(str, "latin1").
         if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
@@ -291,9 +297,15 @@ class PickleMachine:
             raise UnreadableError(f"_codecs.encode: {exc.reason}") from None
 
     def _reconstructor(self, cls: Any = None, base: Any = None, state: Any = None) -> PickledObject:
-        # copyreg._reconstructor(cls, object, None) is how protocols 0 and 1 create a plain instance.
+        # copyreg._reconstructor(cls, object, None) is how protocols 0 and 1 create a plain
+        # instance. With another base it runs base.__init__(obj, state): only builtin containers'.
         if not isinstance(cls, GlobalRef) or not isinstance(base, GlobalRef):
             raise UnreadableError("copyreg._reconstructor without a class")
+        if base.module != "builtins" or base.name not in ("object", "dict", "list", "set", "tuple", "int",
+                                                          "float", "str", "bytes"):
+            raise UnsafePickleError(f"copyreg._reconstructor runs {base}.__init__")
+        if cls.module.split(".")[0] in _NO_NEWOBJ_MODULES:
+            raise UnsafePickleError(f"copyreg._reconstructor creates {cls}")
         return self._record(cls, (), state)
 
     def _device(self, kind: Any = "cpu", index: Any = None) -> str:
@@ -360,6 +372,8 @@ class PickleMachine:
         if not isinstance(args, tuple):
             raise UnreadableError(f"{opcode} with arguments that are not a tuple")
         target = self._reconstruct.get((func.module, func.name)) if isinstance(func, GlobalRef) else None
+        if target is None and isinstance(func, GlobalRef) and (func.module, func.name) in _STDLIB_VALUES:
+            return self._record(func, args)  # a date, a path, a decimal: its class and arguments, as data
         if target is None:
             if isinstance(func, GlobalRef) and func.module.startswith(("numpy.", "numpy")) and _numpy_data(func):
                 return _numpy_value(self, func, args)
@@ -368,7 +382,7 @@ class PickleMachine:
         try:
             return target(*args)
         except TypeError:
-            raise UnreadableError(f"{func} called with {len(args)} argument(s)") from None
+            raise UnreadableError(f"{one_line(func, 80)} called with {len(args)} argument(s)") from None
 
     def _newobj(self, cls: Any, args: Any) -> Any:
         # NEWOBJ creates cls.__new__(cls, *args) without running __init__: a plain instance.
@@ -517,7 +531,7 @@ class PickleMachine:
                             raise UnreadableError(f"{name} on a short stack")
                         cls, args = stack[-n], stack[-n + 1]
                         if name == "NEWOBJ_EX" and stack[-1]:
-                            raise UnsafePickleError(f"NEWOBJ_EX calls {cls} with keyword arguments")
+                            raise UnsafePickleError(f"NEWOBJ_EX calls {one_line(cls, 80)} with keyword arguments")
                         del stack[-n:]
                         stack.append(self._newobj(cls, args))
                     elif name == "INST":
@@ -590,6 +604,10 @@ _NO_NEWOBJ_MODULES = {"os", "posix", "nt", "subprocess", "sys", "builtins", "shu
                       "ctypes", "code", "runpy", "pty", "multiprocessing", "functools", "operator", "_operator",
                       "pickle", "_pickle", "marshal", "io", "_io", "webbrowser", "types", "codecs", "_codecs",
                       "signal", "threading", "asyncio", "tempfile", "copyreg", "inspect", "torch", "_thread"}
+# Standard-library value types whose constructors only build the value; kept as records.
+_STDLIB_VALUES = {("datetime", n) for n in ("datetime", "date", "time", "timedelta", "timezone")} | {
+    ("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")} | {
+    ("decimal", "Decimal"), ("fractions", "Fraction"), ("uuid", "UUID")}
 _PUSH_ARG = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT",
              "STRING", "BINSTRING", "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8",
              "BYTEARRAY8", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
