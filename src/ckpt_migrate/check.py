@@ -64,25 +64,49 @@ def random_tokens(vocab_size: int, batch: int, length: int, seed: int) -> torch.
     return torch.randint(0, vocab_size, (batch, length + 1), generator=gen)
 
 
-def compare_logits(ref: torch.Tensor, cand: torch.Tensor, targets: torch.Tensor, tolerance: float) -> dict:
-    """Difference statistics between two (B, T, V) fp32 logit tensors."""
-    finite = bool(torch.isfinite(ref).all() and torch.isfinite(cand).all())
-    diff = (ref - cand).abs()
-    ref_logp = F.log_softmax(ref, dim=-1).flatten(0, 1)
-    cand_logp = F.log_softmax(cand, dim=-1).flatten(0, 1)
-    kl = F.kl_div(cand_logp, ref_logp, log_target=True, reduction="batchmean")
-    result = {
-        "max_abs_logit_diff": float(diff.max()),
-        "mean_abs_logit_diff": float(diff.mean()),
-        "top1_agreement": float((ref.argmax(-1) == cand.argmax(-1)).float().mean()),
-        "kl": max(0.0, float(kl)),  # rounding can make a ~0 KL slightly negative
-        "loss_ref": float(F.cross_entropy(ref.flatten(0, 1), targets.flatten())),
-        "loss_converted": float(F.cross_entropy(cand.flatten(0, 1), targets.flatten())),
-        "all_finite": finite,
-        "tolerance": tolerance,
-    }
-    result["check_passed"] = finite and result["max_abs_logit_diff"] <= tolerance
-    return result
+# Rows of logits compared at a time: about 16 MB of fp32 logits per model for a 50k vocabulary,
+# so the check's memory does not grow with batch x length (a 2 x 2048 check would otherwise hold
+# several [B, T, V] tensors of 0.8 GB each).
+CHUNK_ELEMENTS = 1 << 22
+
+
+class _LogitStats:
+    """Max/mean |diff|, top-1 agreement, KL(ref || cand) and both losses, accumulated over row chunks."""
+
+    def __init__(self):
+        self.rows = 0
+        self.values = 0
+        self.max_diff = 0.0
+        self.sum_diff = self.top1 = self.kl = self.loss_ref = self.loss_cand = 0.0
+        self.finite = True
+
+    def add(self, ref: torch.Tensor, cand: torch.Tensor, targets: torch.Tensor) -> None:  # (rows, V), (rows,)
+        self.finite = self.finite and bool(torch.isfinite(ref).all() and torch.isfinite(cand).all())
+        diff = (ref - cand).abs()
+        self.max_diff = max(self.max_diff, float(diff.max()))
+        self.sum_diff += float(diff.sum(dtype=torch.float64))
+        del diff
+        ref_logp, cand_logp = F.log_softmax(ref, dim=-1), F.log_softmax(cand, dim=-1)
+        self.kl += float(F.kl_div(cand_logp, ref_logp, log_target=True, reduction="sum"))
+        self.loss_ref -= float(ref_logp.gather(1, targets[:, None]).sum(dtype=torch.float64))
+        self.loss_cand -= float(cand_logp.gather(1, targets[:, None]).sum(dtype=torch.float64))
+        self.top1 += float((ref.argmax(-1) == cand.argmax(-1)).sum())
+        self.rows += ref.shape[0]
+        self.values += ref.numel()
+
+    def result(self, tolerance: float) -> dict:
+        result = {
+            "max_abs_logit_diff": self.max_diff,
+            "mean_abs_logit_diff": self.sum_diff / self.values,
+            "top1_agreement": self.top1 / self.rows,
+            "kl": max(0.0, self.kl / self.rows),  # rounding can make a ~0 KL slightly negative
+            "loss_ref": self.loss_ref / self.rows,
+            "loss_converted": self.loss_cand / self.rows,
+            "all_finite": self.finite,
+            "tolerance": tolerance,
+        }
+        result["check_passed"] = self.finite and result["max_abs_logit_diff"] <= tolerance
+        return result
 
 
 def logit_check(reference: torch.nn.Module, candidate: torch.nn.Module, vocab_size: int,
@@ -100,11 +124,21 @@ def logit_check(reference: torch.nn.Module, candidate: torch.nn.Module, vocab_si
             prepare_dtype(model, dtype)
             _sync(device)
             t1 = time.perf_counter()
-            outputs.append(model(inputs).float())
+            # One sequence at a time (attention's activations scale with T^2 per sequence), and the
+            # head below a few rows at a time: memory stays near the weights' whatever B and T.
+            outputs.append(torch.cat([model.hidden(inputs[i:i + 1]) for i in range(len(inputs))]).flatten(0, 1))
             _sync(device)
             transfer_s += t1 - t0
             forward_s += time.perf_counter() - t1
-    result = compare_logits(outputs[0], outputs[1], targets, settings.resolved_tolerance())
+        stats, flat_targets = _LogitStats(), targets.flatten()
+        rows = max(1, CHUNK_ELEMENTS // reference.cfg.padded_vocab)
+        t1 = time.perf_counter()
+        for start in range(0, flat_targets.numel(), rows):
+            chunk = slice(start, start + rows)
+            stats.add(reference.logits(outputs[0][chunk]), candidate.logits(outputs[1][chunk]), flat_targets[chunk])
+        _sync(device)
+        forward_s += time.perf_counter() - t1
+    result = stats.result(settings.resolved_tolerance())
     result["check_timings"] = {"weights_to_device_s": round(transfer_s, 4), "forwards_s": round(forward_s, 4)}
     result.update(check_device=torch.device(device).type if device != "cuda" else _gpu_name(),
                   check_dtype=settings.dtype, check_batch=settings.batch,

@@ -241,6 +241,17 @@ class _GPT(nn.Module):
         return {w: make(input_ids, self.cfg.eot_token, w) for w in windows}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids -> fp32 soft-capped logits [B, T, padded_vocab]."""
+        return self.logits(self.hidden(input_ids))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [..., D] -> fp32 soft-capped logits [..., padded_vocab]; row by
+        row, so a check can take them a few rows at a time instead of materializing [B, T, V]."""
+        z = F.linear(hidden, self.head_weight().to(hidden.dtype)).float()  # (..., padded_vocab)
+        return softcap(z, self.cfg.family, self.cfg.model_dim)
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids -> final-normed hidden states [B, T, D] (everything but the head)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         cfg, L = self.cfg, self.cfg.num_layers
@@ -261,8 +272,7 @@ class _GPT(nn.Module):
             x = block(x, x0, ve[idx] if idx is not None else None, lambdas[i], sa_lambdas[i],
                       masks[cfg.window_blocks(i)])
             outputs.append(x)
-        z = F.linear(norm(x), self.head_weight().to(x.dtype)).float()  # (B, T, padded_vocab)
-        return softcap(z, cfg.family, cfg.model_dim)
+        return norm(x)  # (B, T, D)
 
 
 class GPTFlexAttention(_GPT):
