@@ -439,3 +439,24 @@ def test_random_mutations_always_get_a_verdict(tmp_path):
             assert "\n" not in str(exc) and len(str(exc)) <= 400
         counts[status] = counts.get(status, 0) + 1
     assert sum(counts.values()) == 3000 and counts.get("UnreadableError", 0) > 1000, counts
+
+
+def test_other_formats_are_named(tmp_path):
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "ts.pt"))
+    record = _verdict(tmp_path / "ts.pt")
+    assert record["format"] == "unreadable" and "TorchScript" in record["reason"]
+    header = b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    (tmp_path / "st.pt").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    record = _verdict(tmp_path / "st.pt")
+    assert record["format"] == "unreadable" and "safetensors" in record["reason"]
+
+
+def test_no_process_to_fork_falls_back_to_the_bounded_reader(tmp_path, monkeypatch):
+    import ckpt_migrate.isolate as isolate
+
+    def no_fork():
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(isolate.os, "fork", no_fork)
+    record = isolate.detect_isolated(_small(tmp_path / "s.pt"))
+    assert record["status"] == "to_convert" and any("could not fork" in n for n in record["notes"])

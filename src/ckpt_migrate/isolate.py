@@ -84,7 +84,17 @@ def detect_isolated(path: str, seconds: float = DEFAULT_SECONDS, memory_mb: int 
     Never raises for anything about the file: a child that crashes, is killed, or overruns its
     budget gives an ``unreadable`` record saying so."""
     read_fd, write_fd = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as exc:  # no process to spare (RLIMIT_NPROC, memory): the reader's own caps still bound it
+        os.close(read_fd)
+        os.close(write_fd)
+        from .detect import detect
+
+        record = detect(path, ReaderLimits(seconds=seconds), overrides)
+        record["path"], record["realpath"] = display_path(record["path"]), display_path(record["realpath"])
+        record.setdefault("notes", []).append(f"detected in-process: could not fork ({exc.strerror})")
+        return json.loads(json.dumps(record, default=str))
     if pid == 0:
         os.close(read_fd)
         _child(path, seconds, memory_mb, write_fd, overrides)

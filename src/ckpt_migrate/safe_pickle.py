@@ -688,6 +688,8 @@ def _archive_layout(f, file_size: int, limits: ReaderLimits) -> tuple[str, dict[
     if len(pickles) > 1:
         raise UnreadableError(f"ambiguous archive: {len(pickles)} data.pkl entries")
     prefix = pickles[0][: -len("data.pkl")]
+    if f"{prefix}constants.pkl" in names or any(n.startswith(f"{prefix}code/") for n in names):
+        raise UnreadableError("a TorchScript archive (torch.jit.save), not a torch.save checkpoint")
     if len(set(names)) != len(names):
         raise UnreadableError("ambiguous archive: duplicate entry names")
     entries = {}
@@ -737,6 +739,9 @@ def _inspect_file(f, limits: ReaderLimits) -> ArchiveInspection:
     if head != b"PK\x03\x04":
         if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]", b"K", b"I", b"L"):
             _legacy(f, file_size, limits, deadline)
+        f.seek(8)
+        if f.read(2) in (b'{"', b"{'"):  # an 8-byte header length, then a JSON header
+            raise UnreadableError("a safetensors file, not a torch.save checkpoint")
         raise UnreadableError("not a zip archive (torch.save format)")
     prefix, entries = _archive_layout(f, file_size, limits)
     if _small_entry(f, entries.get("byteorder"), file_size) not in ("", "little"):
