@@ -232,3 +232,23 @@ def test_outputs_honour_the_umask(tmp_path, umask):
              if m != (expected_dir if os.path.isdir(os.path.join(out, p)) else expected_file)}
     assert "converted/eng_spa_owt_run_1/best_state_100.pt" in modes and "report.csv" in modes
     assert wrong == {}, wrong
+
+
+def test_output_inside_the_input_tree_is_refused(tmp_path):
+    root = tmp_path / "clean_bbpe_50k"
+    _small(root / "eng_spa_owt_run_1/best_state_100.pt", seed=1)
+    before = tree_state(str(root))
+    proc = snakemake(str(root), str(root / "results"))
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "is inside input_root" in text and "Traceback" not in text
+    assert tree_state(str(root)) == before  # nothing written into the tree
+
+
+def test_every_match_keeps_its_row_when_names_collide(tmp_path):
+    root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
+    _small(root / "eng_spa_owt_run_1/best_state_100.pt", seed=1)
+    shutil.copyfile(root / "eng_spa_owt_run_1/best_state_100.pt", root / "eng_spa_owt_run_1/best_state_100")
+    proc = snakemake(str(root), str(out), config={"glob": "*/best_state_*", "check_length": 128})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {r["relative_path"]: r["status"] for r in read_report(str(out / "report.csv"))}
+    assert rows == {"eng_spa_owt_run_1/best_state_100.pt": "converted", "eng_spa_owt_run_1/best_state_100": "converted"}

@@ -405,6 +405,8 @@ def summarize(rows: Iterable[dict]) -> str:
         by_status[row["status"]] = by_status.get(row["status"], 0) + 1
         lang = by_lang.setdefault(row["lang_pair"] or "(other)", {})
         lang[row["status"]] = lang.get(row["status"], 0) + 1
+    if not rows:
+        return "0 checkpoints: the glob matched nothing under input_root (check input_root and glob)"
     lines = [f"{len(rows)} checkpoints: " + ", ".join(f"{n} {s}" for s, n in sorted(by_status.items()))]
     for lang, counts in sorted(by_lang.items()):
         lines.append(f"  {lang}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))

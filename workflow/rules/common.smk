@@ -20,6 +20,12 @@ if not os.path.isdir(INPUT_ROOT):
         f"(set it in config/config.yaml or with --config input_root=PATH)"
     )
 OUT = config["output_root"]
+_out = os.path.abspath(os.path.expanduser(OUT))
+if _out == INPUT_ROOT or _out.startswith(INPUT_ROOT.rstrip("/") + "/"):
+    raise WorkflowError(
+        f"output_root {_out} is inside input_root {INPUT_ROOT}: the checkpoint tree is only ever read "
+        f"(set output_root elsewhere)"
+    )
 LAYOUT = OutputLayout(OUT)
 # The logit-check settings (check_batch, check_length, ...) as ckpt_migrate.check.CheckSettings takes them.
 CHECK_SETTINGS = {key[len("check_"):]: value for key, value in config.items() if key.startswith("check_")}
@@ -55,10 +61,18 @@ def _checkpoint_key(relative_path):
 
 # Everything the glob matches, files or not: a directory, FIFO or broken link that matches is
 # reported as unreadable rather than silently skipped.
-SOURCES = {
-    _checkpoint_key(os.path.relpath(path, INPUT_ROOT)): path
-    for path in sorted(globlib.glob(os.path.join(globlib.escape(INPUT_ROOT), config["glob"])))
-}
+def _keyed(paths):
+    """{key: path} for every match; two paths whose keys coincide (x.pt and x) both keep a row."""
+    keyed = {}
+    for path in paths:
+        key = _checkpoint_key(os.path.relpath(path, INPUT_ROOT))
+        if key in keyed:
+            key = f"{key}~{hashlib.sha256(os.fsencode(path)).hexdigest()[:12]}"
+        keyed[key] = path
+    return keyed
+
+
+SOURCES = _keyed(sorted(globlib.glob(os.path.join(globlib.escape(INPUT_ROOT), config["glob"]))))
 CHECKPOINTS = sorted(SOURCES)
 RELATIVE_PATHS = {key: os.path.relpath(path, INPUT_ROOT) for key, path in SOURCES.items()}
 
