@@ -3,7 +3,12 @@
 Importing the package is cheap (no torch); the torch-using parts load on first use.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("ckpt-migrate")  # one place: pyproject.toml
+except PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0+unknown"
 
 
 def load_pretrained_checkpoint(path, device="cpu", dtype=None):

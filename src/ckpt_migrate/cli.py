@@ -118,9 +118,9 @@ def cmd_verify_outputs(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .pipeline import read_report, summarize
+    from .pipeline import OutputLayout, read_report, summarize
 
-    path = os.path.join(args.output_root, "report.csv")
+    path = OutputLayout(args.output_root).report
     if not os.path.exists(path):
         print(f"error: {path} does not exist (has the pipeline run on this output folder?)", file=sys.stderr)
         return 2

@@ -104,21 +104,24 @@ def job_environment() -> dict[str, str]:
 
 
 class OutputLayout:
-    """Where the pipeline writes each thing under ``output_root``, by checkpoint key."""
+    """Where the pipeline writes each thing under ``output_root``, by checkpoint key (the one place
+    the rules, ``verify-outputs`` and ``report`` take the layout from)."""
 
     def __init__(self, root: str):
         self.root = root
         self.report = f"{root}/report.csv"
         self.plan = f"{root}/plan.tsv"
+        self.checks_dir = f"{root}/checks"
+        self.converted_dir = f"{root}/converted"
 
     def manifest(self, key: str) -> str:
         return f"{self.root}/manifests/{key}.yaml"
 
     def check(self, key: str) -> str:
-        return f"{self.root}/checks/{key}.yaml"
+        return f"{self.checks_dir}/{key}.yaml"
 
     def converted(self, key: str) -> str:
-        return f"{self.root}/converted/{key}.pt"
+        return f"{self.converted_dir}/{key}.pt"
 
     def attempt(self, key: str) -> str:
         """Written when a conversion starts: where it runs (the SLURM job), for a report after a kill."""
@@ -448,8 +451,8 @@ def verify_outputs(output_root: str, recheck: bool = False, settings: dict | Non
     from .fingerprint import converter_fingerprint
 
     current = converter_fingerprint()
-    checks_dir = os.path.join(output_root, "checks")
-    converted_dir = os.path.join(output_root, "converted")
+    layout = OutputLayout(output_root)
+    checks_dir, converted_dir = layout.checks_dir, layout.converted_dir
     problems: list[str] = []
     recorded: set[str] = set()
     verified = 0

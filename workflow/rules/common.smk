@@ -21,7 +21,7 @@ if not os.path.isdir(INPUT_ROOT):
     )
 OUT = config["output_root"]
 _out = os.path.abspath(os.path.expanduser(OUT))
-if _out == INPUT_ROOT or _out.startswith(INPUT_ROOT.rstrip("/") + "/"):
+if os.path.commonpath([_out, INPUT_ROOT]) == INPUT_ROOT:
     raise WorkflowError(
         f"output_root {_out} is inside input_root {INPUT_ROOT}: the checkpoint tree is only ever read "
         f"(set output_root elsewhere)"
@@ -144,7 +144,7 @@ def report_after_error():
 
 
 def print_summary():
-    report_csv = f"{OUT}/report.csv"
+    report_csv = LAYOUT.report
     if os.path.exists(report_csv):
         print(f"\nckpt-migrate report: {os.path.abspath(report_csv)}")
         print(summarize(read_report(report_csv)))

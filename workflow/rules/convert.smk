@@ -10,7 +10,7 @@ rule convert:
         # Order only: the plan is rewritten whenever a new file lands, which must not redo this.
         plan=ancient(LAYOUT.plan),
     output:
-        check=f"{OUT}/checks/{{ckpt}}.yaml",
+        check=LAYOUT.check("{ckpt}"),
     params:
         source=source_path,
         manifest=lambda wildcards: LAYOUT.manifest(wildcards.ckpt),
@@ -28,7 +28,7 @@ rule convert:
     conda:
         "../envs/ckpt_migrate.yaml"
     log:
-        f"{OUT}/logs/convert/{{ckpt}}.log",
+        LAYOUT.log("convert", "{ckpt}"),
     benchmark:
         f"{OUT}/benchmarks/convert/{{ckpt}}.tsv"
     script:

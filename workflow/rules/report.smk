@@ -12,7 +12,7 @@ rule report:
     input:
         unpack(report_inputs),
     output:
-        csv=f"{OUT}/report.csv",
+        csv=LAYOUT.report,
     params:
         checkpoints=CHECKPOINTS,
     conda:
@@ -27,7 +27,7 @@ rule report:
 
 rule gate:
     input:
-        csv=f"{OUT}/report.csv",
+        csv=rules.report.output.csv,
     output:
         flag=report_gate_flag(),
     params:
@@ -44,7 +44,7 @@ rule gate:
 
 rule figures:
     input:
-        csv=f"{OUT}/report.csv",
+        csv=rules.report.output.csv,
     output:
         logit=report(
             f"{OUT}/figures/logit_check.png",
