@@ -193,3 +193,18 @@ def test_cli_inspect_convert_check(small_v2_path, medium_path, tmp_path, python)
     assert out.returncode == 1 and "Format: unreadable" in out.stdout and "empty file" in out.stdout
     out = cli("check", str(bad))
     assert out.returncode == 1 and "Traceback" not in out.stderr and "empty file" in out.stderr
+
+
+def test_cli_check_defaults_are_the_pipelines(python):
+    """One definition of the check settings: the CLI's defaults are CheckSettings', and the schema's match."""
+    import yaml
+
+    from ckpt_migrate.check import CheckSettings
+    from .pipeline_helpers import REPO
+
+    out = subprocess.run([python, "-m", "ckpt_migrate.cli", "check", "--help"], capture_output=True, text=True)
+    assert "(default: 2048)" in " ".join(out.stdout.split()) and CheckSettings().length == 2048
+    with open(os.path.join(REPO, "workflow/schemas/config.schema.yaml")) as f:
+        schema = yaml.safe_load(f)["properties"]
+    for field in ("batch", "length", "seed", "dtype", "tolerance", "device"):
+        assert schema[f"check_{field}"]["default"] == getattr(CheckSettings(), field), field

@@ -27,7 +27,7 @@ class CheckSettings:
     """How the logit check runs."""
 
     batch: int = 2  # sequences per batch
-    length: int = 256  # tokens per sequence; windows bite beyond 128 x short window
+    length: int = 2048  # tokens per sequence: long enough that both families' end-of-training windows bite
     seed: int = 1234  # token generator seed
     dtype: str = "float32"  # "float32" (TF32 off) or "bfloat16" (training-time dtype flow)
     tolerance: float | None = None  # max |logit diff|; None = DEFAULT_TOLERANCE[dtype]

@@ -151,12 +151,19 @@ def cmd_demo_tree(args) -> int:
 
 
 def _add_check_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", type=int, default=2, help="sequences per check batch")
-    p.add_argument("--length", type=int, default=256, help="tokens per sequence")
-    p.add_argument("--seed", type=int, default=1234, help="token generator seed")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--tolerance", type=float, default=None, help="max |logit diff| (default by dtype)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    """The check's options, with CheckSettings' defaults (the pipeline's schema has the same)."""
+    from dataclasses import fields
+
+    from .check import CheckSettings
+
+    default = {f.name: f.default for f in fields(CheckSettings)}
+    p.add_argument("--batch", type=int, default=default["batch"], help=f"sequences per check batch (default: {default['batch']})")
+    p.add_argument("--length", type=int, default=default["length"], help=f"tokens per sequence (default: {default['length']})")
+    p.add_argument("--seed", type=int, default=default["seed"], help=f"token generator seed (default: {default['seed']})")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=default["dtype"],
+                   help=f"(default: {default['dtype']})")
+    p.add_argument("--tolerance", type=float, default=default["tolerance"], help="max |logit diff| (default: by dtype)")
+    p.add_argument("--device", default=default["device"], help=f"cpu, cuda, cuda:N or auto (default: {default['device']})")
 
 
 def build_parser() -> argparse.ArgumentParser:
