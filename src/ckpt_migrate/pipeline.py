@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import re
@@ -111,6 +112,7 @@ class OutputLayout:
         self.root = root
         self.report = f"{root}/report.csv"
         self.plan = f"{root}/plan.tsv"
+        self.manifest_index = f"{root}/manifests/.index.json"  # the plan's record of what each manifest describes
         self.checks_dir = f"{root}/checks"
         self.converted_dir = f"{root}/converted"
 
@@ -168,6 +170,31 @@ def _still_current(manifest_path: str, src: str, overrides: dict) -> dict | None
     return None
 
 
+def _file_identity(path: str) -> dict:
+    try:
+        st = os.stat(path)
+        return {"size": st.st_size, "mtime": st.st_mtime}
+    except OSError:
+        return {"size": None, "mtime": None}
+
+
+def _mtime_ns(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _read_index(path: str) -> dict:
+    """The plan's index of manifests (file identity, detector, overrides, status), or {} if unusable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+        return index if isinstance(index, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], layout: OutputLayout,
                     seconds: float = DEFAULT_SECONDS, memory_mb: int = DEFAULT_MEMORY_MB,
                     overrides: dict | None = None) -> list[str]:
@@ -177,15 +204,31 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
     unchanged, so a rerun detects only what is new or changed. Returns the keys to convert."""
     import time
 
+    from .fingerprint import detector_fingerprint
+
     overrides = dict(overrides or {})
+    detector = detector_fingerprint()
+    index = _read_index(layout.manifest_index)
+    new_index: dict[str, dict] = {}
     rows, detected, t0 = [], 0, time.perf_counter()
     for key in sorted(sources):
         manifest_path = layout.manifest(key)
-        record = _still_current(manifest_path, sources[key], overrides)
-        if record is None:
-            record = write_manifest(sources[key], relative_paths[key], manifest_path, seconds, memory_mb, overrides)
-            detected += 1
-        rows.append((key, record.get("status", "unknown")))
+        identity = {**_file_identity(sources[key]), "detector": detector, "overrides": overrides,
+                    "manifest_ns": _mtime_ns(manifest_path)}
+        entry = index.get(key)
+        if entry is not None and entry.get("manifest_ns") is not None and \
+                {k: entry.get(k) for k in identity} == identity:
+            status = entry["status"]  # unchanged file and manifest: not even the YAML is read
+        else:
+            record = _still_current(manifest_path, sources[key], overrides)
+            if record is None:
+                record = write_manifest(sources[key], relative_paths[key], manifest_path, seconds, memory_mb, overrides)
+                detected += 1
+            status = record.get("status", "unknown")
+            identity["manifest_ns"] = _mtime_ns(manifest_path)
+        new_index[key] = {**identity, "status": status}
+        rows.append((key, status))
+    atomic_write_text(layout.manifest_index, json.dumps(new_index))
     log.info("detected %d file(s), reused %d manifest(s) in %.1f s", detected, len(rows) - detected,
              time.perf_counter() - t0)
     buf = io.StringIO()
