@@ -54,21 +54,18 @@ def strip_prefixes(key: str) -> str:
     return key
 
 
-def _is_state_dict(obj: Any, leaf: type) -> bool:
+def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, leaf) for k, v in obj.items())
+        isinstance(k, str) and isinstance(v, TensorStub) for k, v in obj.items())
 
 
-def find_state_dict(obj: Any, leaf: type = TensorStub) -> tuple[dict | None, str]:
-    """The model state dict in a checkpoint object, and where it was ("" for a bare one).
-
-    ``leaf`` is the tensor type: TensorStub for an inspected pickle, torch.Tensor once loaded.
-    """
-    if _is_state_dict(obj, leaf):
+def find_state_dict(obj: Any) -> tuple[dict | None, str]:
+    """The model state dict in an inspected checkpoint object, and where it was ("" for a bare one)."""
+    if _is_state_dict(obj):
         return obj, ""
     if isinstance(obj, dict):
         for key in STATE_DICT_KEYS:
-            if _is_state_dict(obj.get(key), leaf):
+            if _is_state_dict(obj.get(key)):
                 return obj[key], key
     return None, ""
 

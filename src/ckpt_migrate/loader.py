@@ -18,14 +18,14 @@ from .safe_pickle import DEFAULT_LIMITS, ArchiveInspection, ReaderLimits, Tensor
     UnsafePickleError, inspect_file, one_line, open_regular
 
 
-class CheckpointReadError(ValueError):
-    """The file cannot be loaded; the message is one line."""
+class CheckpointError(ValueError):
+    """The file is not one we can load or convert; the message is one line naming the file."""
 
 
 def _torch_dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
-        raise CheckpointReadError(f"tensor dtype {name} is not known to this torch ({torch.__version__})")
+        raise CheckpointError(f"tensor dtype {name} is not known to this torch ({torch.__version__})")
     return dtype
 
 
@@ -70,7 +70,7 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str, limits: ReaderLimits = DEFAULT_LIMITS) -> Checkpoint:
-    """Inspect ``path`` and map it; :class:`CheckpointReadError` (one line) when it is not ``ok``."""
+    """Inspect ``path`` and map it; :class:`CheckpointError` (one line) when it is not ``ok``."""
     try:
         with open_regular(path) as f:
             inspection = inspect_file(f, limits)
@@ -79,9 +79,9 @@ def open_checkpoint(path: str, limits: ReaderLimits = DEFAULT_LIMITS) -> Checkpo
             # itself can never be written through the map.
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
     except UnsafePickleError as exc:
-        raise CheckpointReadError(f"{path}: unsafe: pickle {one_line(exc)}") from None
+        raise CheckpointError(f"{path}: unsafe: pickle {one_line(exc)}") from None
     except UnreadableError as exc:
-        raise CheckpointReadError(f"{path}: unreadable: {one_line(exc)}") from None
+        raise CheckpointError(f"{path}: unreadable: {one_line(exc)}") from None
     except OSError as exc:
-        raise CheckpointReadError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
     return Checkpoint(inspection, mapped)

@@ -22,15 +22,10 @@ from .detect import (CONVERTED_FORMAT, config_from_record, converted_config, fin
                      record_from_inspection, strip_prefixes)
 from .families import GPTBatchedConfig
 from .fingerprint import converter_fingerprint
-from .loader import Checkpoint, CheckpointReadError, open_checkpoint
-from .safe_pickle import TensorStub
+from .loader import Checkpoint, CheckpointError, open_checkpoint
 from .models import GPTBatched, GPTFlexAttention
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """The file is not one we can load or convert; the message is one line naming the file."""
 
 
 def load_source(path: str, overrides: dict | None = None) -> tuple[dict, Checkpoint, dict[str, torch.Tensor]]:
@@ -38,17 +33,14 @@ def load_source(path: str, overrides: dict | None = None) -> tuple[dict, Checkpo
 
     The record comes from the same read of the same open file as the tensors. Tensors outside
     the state dict (optimizer state) stay TensorStubs: described, never read."""
-    try:
-        checkpoint = open_checkpoint(path)
-    except CheckpointReadError as exc:
-        raise CheckpointError(str(exc)) from None
+    checkpoint = open_checkpoint(path)
     record = record_from_inspection(path, checkpoint.inspection, overrides)
     if record["format"] not in ("small", "medium", CONVERTED_FORMAT):
         raise CheckpointError(f"{path}: {record['format']}: {record['reason']}")
     obj = checkpoint.inspection.obj
     if record["format"] == CONVERTED_FORMAT:
         return record, checkpoint, {k: checkpoint.tensor(v) for k, v in obj["model"].items()}
-    state_dict, _ = find_state_dict(obj, TensorStub)
+    state_dict, _ = find_state_dict(obj)
     return record, checkpoint, {strip_prefixes(k): checkpoint.tensor(v) for k, v in state_dict.items()}
 
 
