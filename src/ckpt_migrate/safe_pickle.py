@@ -371,18 +371,19 @@ class PickleMachine:
     def _call(self, func: Any, args: Any, opcode: str) -> Any:
         if not isinstance(args, tuple):
             raise UnreadableError(f"{opcode} with arguments that are not a tuple")
-        target = self._reconstruct.get((func.module, func.name)) if isinstance(func, GlobalRef) else None
-        if target is None and isinstance(func, GlobalRef) and (func.module, func.name) in _STDLIB_VALUES:
+        if not isinstance(func, GlobalRef):
+            raise UnsafePickleError(f"{opcode} calls a {type(func).__name__} built by the pickle")
+        target = self._reconstruct.get((func.module, func.name))
+        if target is not None:
+            try:
+                return target(*args)
+            except TypeError:
+                raise UnreadableError(f"{func} called with {len(args)} argument(s)") from None
+        if (func.module, func.name) in _STDLIB_VALUES:
             return self._record(func, args)  # a date, a path, a decimal: its class and arguments, as data
-        if target is None:
-            if isinstance(func, GlobalRef) and func.module.startswith(("numpy.", "numpy")) and _numpy_data(func):
-                return _numpy_value(self, func, args)
-            what = str(func) if isinstance(func, GlobalRef) else f"a {type(func).__name__} built by the pickle"
-            raise UnsafePickleError(f"{opcode} calls {what}")
-        try:
-            return target(*args)
-        except TypeError:
-            raise UnreadableError(f"{one_line(func, 80)} called with {len(args)} argument(s)") from None
+        if _numpy_data(func):
+            return _numpy_value(self, func, args)
+        raise UnsafePickleError(f"{opcode} calls {func}")
 
     def _newobj(self, cls: Any, args: Any) -> Any:
         # NEWOBJ creates cls.__new__(cls, *args) without running __init__: a plain instance.
