@@ -18,7 +18,7 @@ import signal
 import time
 from typing import Any
 
-from .safe_pickle import ReaderLimits, one_line
+from .safe_pickle import ArchiveInspection, ReaderLimits, one_line
 
 DEFAULT_SECONDS = 60.0
 DEFAULT_MEMORY_MB = 1024
@@ -31,15 +31,14 @@ def display_path(path: str) -> str:
                    {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(ch, f"\\x{ord(ch):02x}") for ch in text)
 
 
-def _stat_fields(path: str) -> dict[str, Any]:
-    record: dict[str, Any] = {"path": display_path(os.path.abspath(path)),
-                              "realpath": display_path(os.path.realpath(path)),
-                              "format": "unreadable", "variant": "", "status": "unreadable"}
-    try:
-        st = os.stat(path)
-        record.update(size_bytes=st.st_size, mtime=st.st_mtime)
-    except OSError:
-        pass
+def _detect(path: str, seconds: float, overrides: dict | None, reason: str = "") -> dict[str, Any]:
+    """The record of ``path`` with its paths as report text: detected here, or, given ``reason``,
+    the ``unreadable`` record that says why the child gave no verdict."""
+    from .detect import detect, record_from_inspection
+
+    record = (record_from_inspection(path, ArchiveInspection("unreadable", reason)) if reason
+              else detect(path, ReaderLimits(seconds=seconds), overrides))
+    record["path"], record["realpath"] = display_path(record["path"]), display_path(record["realpath"])
     return record
 
 
@@ -60,11 +59,7 @@ def _child(path: str, seconds: float, memory_mb: int, write_fd: int, overrides: 
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         cpu = math.ceil(seconds) + 1
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        from .detect import detect
-
-        record = detect(path, ReaderLimits(seconds=seconds), overrides)
-        record["path"], record["realpath"] = display_path(record["path"]), display_path(record["realpath"])
-        data = json.dumps(record, default=str).encode()
+        data = json.dumps(_detect(path, seconds, overrides), default=str).encode()
     except MemoryError:
         data = json.dumps({"error": f"ran out of its memory budget ({memory_mb} MB)"}).encode()
     except BaseException as exc:  # noqa: BLE001 - the child reports everything, then exits
@@ -89,10 +84,7 @@ def detect_isolated(path: str, seconds: float = DEFAULT_SECONDS, memory_mb: int 
     except OSError as exc:  # no process to spare (RLIMIT_NPROC, memory): the reader's own caps still bound it
         os.close(read_fd)
         os.close(write_fd)
-        from .detect import detect
-
-        record = detect(path, ReaderLimits(seconds=seconds), overrides)
-        record["path"], record["realpath"] = display_path(record["path"]), display_path(record["realpath"])
+        record = _detect(path, seconds, overrides)
         record.setdefault("notes", []).append(f"detected in-process: could not fork ({exc.strerror})")
         return json.loads(json.dumps(record, default=str))
     if pid == 0:
@@ -120,19 +112,18 @@ def detect_isolated(path: str, seconds: float = DEFAULT_SECONDS, memory_mb: int 
         if timed_out:
             os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
-    record = _stat_fields(path)
     if timed_out:
-        return {**record, "reason": f"inspection ran out of its time budget ({seconds:g} s)"}
+        return _detect(path, seconds, overrides, f"inspection ran out of its time budget ({seconds:g} s)")
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         what = ("ran out of its CPU time budget" if sig == signal.SIGXCPU
                 else f"was killed by {signal.Signals(sig).name}" if sig in signal.Signals._value2member_map_
                 else f"was killed by signal {sig}")
-        return {**record, "reason": f"the reader {what} (memory budget {memory_mb} MB, time {seconds:g} s)"}
+        return _detect(path, seconds, overrides, f"the reader {what} (memory budget {memory_mb} MB, time {seconds:g} s)")
     try:
         result = json.loads(b"".join(chunks))
     except ValueError:
-        return {**record, "reason": "the reader stopped without a verdict"}
+        return _detect(path, seconds, overrides, "the reader stopped without a verdict")
     if "error" in result:
-        return {**record, "reason": one_line(result["error"])}
+        return _detect(path, seconds, overrides, result["error"])
     return result
