@@ -8,6 +8,7 @@ so changing them redoes nothing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 
@@ -31,6 +32,7 @@ def detector_fingerprint() -> str:
     return _fingerprint(DETECTOR_MODULES)
 
 
+@functools.lru_cache(maxsize=None)  # the modules do not change under a running process
 def _fingerprint(modules: tuple[str, ...]) -> str:
     digest = hashlib.sha256()
     here = os.path.dirname(os.path.abspath(__file__))
