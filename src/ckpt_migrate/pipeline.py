@@ -15,6 +15,7 @@ Every output is written atomically; nothing is ever written under the input root
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -112,6 +113,7 @@ class OutputLayout:
         self.root = root
         self.report = f"{root}/report.csv"
         self.plan = f"{root}/plan.tsv"
+        self.plan_log = f"{root}/logs/plan.log"  # detection of every file happens in the plan job
         self.manifest_index = f"{root}/manifests/.index.json"  # the plan's record of what each manifest describes
         self.checks_dir = f"{root}/checks"
         self.converted_dir = f"{root}/converted"
@@ -133,6 +135,43 @@ class OutputLayout:
         return f"{self.root}/logs/{rule}/{key}.log"
 
 
+def checkpoint_key(relative_path: str) -> str:
+    """Wildcard value of a checkpoint: its path under input_root without the .pt suffix.
+
+    Characters Snakemake cannot carry in a wildcard or a file name it writes are %-escaped:
+    braces (its pattern syntax), %, control characters such as a newline, and bytes that are
+    not UTF-8. A folder or file name too long to carry a .yaml or temporary suffix is shortened
+    with a hash, so every path the glob finds gets a key (and a row)."""
+    stem = relative_path[:-3] if relative_path.endswith(".pt") else relative_path
+    escaped = "".join(
+        f"%{ord(ch) - 0xDC00:02X}" if 0xDC80 <= ord(ch) <= 0xDCFF
+        else f"%{ord(ch):02X}" if ch in "%{}" or ord(ch) < 32 or ord(ch) == 127
+        else ch
+        for ch in stem
+    )
+    parts = []
+    for part in escaped.split("/"):
+        if len(os.fsencode(part)) > 180:
+            digest = hashlib.sha256(os.fsencode(part)).hexdigest()[:16]
+            part = f'{os.fsencode(part)[:120].decode("utf-8", "ignore")}~{digest}'
+        parts.append(part)
+    return "/".join(parts)
+
+
+def checkpoint_sources(input_root: str, pattern: str) -> dict[str, str]:
+    """{key: path} for every match of ``pattern`` under ``input_root``, files or not; two paths
+    whose keys coincide (``x.pt`` and ``x``) both keep a row."""
+    import glob
+
+    keyed: dict[str, str] = {}
+    for path in sorted(glob.glob(os.path.join(glob.escape(input_root), pattern))):
+        key = checkpoint_key(os.path.relpath(path, input_root))
+        if key in keyed:
+            key = f"{key}~{hashlib.sha256(os.fsencode(path)).hexdigest()[:12]}"
+        keyed[key] = path
+    return keyed
+
+
 def write_manifest(src: str, relative_path: str, manifest_path: str, seconds: float = DEFAULT_SECONDS,
                    memory_mb: int = DEFAULT_MEMORY_MB, overrides: dict | None = None) -> dict:
     """Detect the format of ``src`` (in a child, within budget) and write its manifest.
@@ -151,23 +190,15 @@ def write_manifest(src: str, relative_path: str, manifest_path: str, seconds: fl
     return record
 
 
-def _still_current(manifest_path: str, src: str, overrides: dict) -> dict | None:
-    """The manifest, if it describes ``src`` as it is now (same size and mtime, same detector and overrides)."""
-    from .fingerprint import detector_fingerprint
-
+def _still_current(manifest_path: str, identity: dict) -> dict | None:
+    """The manifest, if it describes the file as ``identity`` says it is now (size, mtime, detector, overrides)."""
     try:
         record = read_yaml(manifest_path)
     except (OSError, yaml.YAMLError):
         return None
-    try:
-        st = os.stat(src)
-        now = (st.st_size, st.st_mtime)
-    except OSError:
-        now = (None, None)
-    same = (record.get("size_bytes"), record.get("mtime")) == now
-    if same and record.get("detector_fingerprint") == detector_fingerprint() and record.get("overrides") == overrides:
-        return record
-    return None
+    recorded = {"size": record.get("size_bytes"), "mtime": record.get("mtime"),
+                "detector": record.get("detector_fingerprint"), "overrides": record.get("overrides")}
+    return record if all(recorded[k] == identity[k] for k in recorded) else None
 
 
 def _file_identity(path: str) -> dict:
@@ -220,7 +251,7 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
                 {k: entry.get(k) for k in identity} == identity:
             status = entry["status"]  # unchanged file and manifest: not even the YAML is read
         else:
-            record = _still_current(manifest_path, sources[key], overrides)
+            record = _still_current(manifest_path, identity)
             if record is None:
                 record = write_manifest(sources[key], relative_paths[key], manifest_path, seconds, memory_mb, overrides)
                 detected += 1
@@ -367,7 +398,7 @@ def report_after_failure(layout: OutputLayout, relative_paths: dict[str, str]) -
             manifest = read_yaml(manifest_path)
         else:
             manifest = {"relative_path": display_path(rel), "status": "failed", "format": "",
-                        "reason": f"detection did not finish (log: {layout.log('detect', key)})"}
+                        "reason": f"detection did not finish (log: {layout.plan_log})"}
         check = None
         if manifest.get("status") == "to_convert":
             check = read_yaml(check_path) if os.path.exists(check_path) else {

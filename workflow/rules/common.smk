@@ -1,6 +1,4 @@
 # Config validation, the checkpoint list and every input function.
-import glob as globlib
-import hashlib
 import os
 import re
 
@@ -8,7 +6,14 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from ckpt_migrate.fingerprint import converter_fingerprint, detector_fingerprint
-from ckpt_migrate.pipeline import OutputLayout, read_plan, read_report, report_after_failure, summarize
+from ckpt_migrate.pipeline import (
+    OutputLayout,
+    checkpoint_sources,
+    read_plan,
+    read_report,
+    report_after_failure,
+    summarize,
+)
 
 
 validate(config, "../schemas/config.schema.yaml", set_default=True)
@@ -36,45 +41,12 @@ DETECTOR_FINGERPRINT = detector_fingerprint()
 OVERRIDES = {key: config[key] for key in ("eot_token", "num_iterations")}
 
 
-def _checkpoint_key(relative_path):
-    """Wildcard value for a checkpoint: its path under input_root without the .pt suffix.
-
-    Characters Snakemake cannot carry in a wildcard or a file name it writes are %-escaped:
-    braces (its pattern syntax), %, control characters such as a newline, and bytes that are
-    not UTF-8. A folder or file name too long to carry a .yaml or temporary suffix is shortened
-    with a hash, so every path the glob finds gets a key (and a row)."""
-    stem = relative_path[:-3] if relative_path.endswith(".pt") else relative_path
-    escaped = "".join(
-        f"%{ord(ch) - 0xDC00:02X}" if 0xDC80 <= ord(ch) <= 0xDCFF
-        else f"%{ord(ch):02X}" if ch in "%{}" or ord(ch) < 32 or ord(ch) == 127
-        else ch
-        for ch in stem
-    )
-    parts = []
-    for part in escaped.split("/"):
-        if len(os.fsencode(part)) > 180:
-            digest = hashlib.sha256(os.fsencode(part)).hexdigest()[:16]
-            part = f'{os.fsencode(part)[:120].decode("utf-8", "ignore")}~{digest}'
-        parts.append(part)
-    return "/".join(parts)
-
-
 # Everything the glob matches, files or not: a directory, FIFO or broken link that matches is
 # reported as unreadable rather than silently skipped.
-def _keyed(paths):
-    """{key: path} for every match; two paths whose keys coincide (x.pt and x) both keep a row."""
-    keyed = {}
-    for path in paths:
-        key = _checkpoint_key(os.path.relpath(path, INPUT_ROOT))
-        if key in keyed:
-            key = f"{key}~{hashlib.sha256(os.fsencode(path)).hexdigest()[:12]}"
-        keyed[key] = path
-    return keyed
-
-
-SOURCES = _keyed(sorted(globlib.glob(os.path.join(globlib.escape(INPUT_ROOT), config["glob"]))))
+SOURCES = checkpoint_sources(INPUT_ROOT, config["glob"])
 CHECKPOINTS = sorted(SOURCES)
 RELATIVE_PATHS = {key: os.path.relpath(path, INPUT_ROOT) for key, path in SOURCES.items()}
+
 
 def _as_input(path):
     """The path as a rule input, or nothing where Snakemake would read part of it as a wildcard

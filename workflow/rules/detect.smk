@@ -23,7 +23,7 @@ checkpoint plan:
     conda:
         "../envs/ckpt_migrate.yaml"
     log:
-        f"{OUT}/logs/plan.log",
+        LAYOUT.plan_log,
     benchmark:
         f"{OUT}/benchmarks/plan.tsv"
     script:
