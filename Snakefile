@@ -10,6 +10,10 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+wildcard_constraints:
+    batch=r"b[0-9a-f]{12}",
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/detect.smk"
 include: "workflow/rules/convert.smk"

@@ -42,7 +42,7 @@ def _broken_profile(tmp_path, **convert) -> str:
         profile = yaml.safe_load(f)
     with open(os.path.join(REPO, "profiles/slurm/config.yaml")) as f:
         profile["set-resources"] = yaml.safe_load(f)["set-resources"]
-    profile["set-resources"]["convert"].update(convert)
+    profile["set-resources"]["convert_batch"].update(convert)
     folder = tmp_path / "profile"
     folder.mkdir()
     (folder / "config.yaml").write_text(yaml.safe_dump(profile))

@@ -162,7 +162,7 @@ def test_incremental_new_run_replaced_file_and_file_completed_later(tmp_path):
     _small(root / "eng_spa_owt_run_2/best_state_100.pt", seed=4)
     proc = snakemake(str(root), str(out))
     assert proc.returncode == 0
-    assert job_counts(proc.stdout + proc.stderr) == {"all": 1, "convert": 1, "gate": 1,
+    assert job_counts(proc.stdout + proc.stderr) == {"all": 1, "convert": 1, "convert_batch": 1, "gate": 1,
                                                      "plan": 1, "report": 1, "figures": 1}
     assert _last_plan_line(out).startswith("detected 1 file(s)")
     assert "eng_spa_owt_run_2/best_state_100" in proc.stdout + proc.stderr
@@ -181,7 +181,8 @@ def test_incremental_new_run_replaced_file_and_file_completed_later(tmp_path):
     _small(first, seed=99)
     proc = snakemake(str(root), str(out))
     counts = job_counts(proc.stdout + proc.stderr)
-    assert counts.get("plan") == 1 and counts.get("convert") == 1, proc.stdout + proc.stderr
+    assert counts.get("plan") == 1 and counts.get("convert") == 1 and counts.get("convert_batch") == 1, \
+        proc.stdout + proc.stderr
     assert _last_plan_line(out).startswith("detected 1 file(s)")
     new_sha = {r["relative_path"]: r["converted_sha256"] for r in read_report(str(out / "report.csv"))}
     assert new_sha["eng_spa_owt_run_1/best_state_100.pt"] != old_sha["eng_spa_owt_run_1/best_state_100.pt"]

@@ -481,7 +481,7 @@ def test_second_snakemake_on_the_same_outputs_is_refused(tmp_path):
     cmd = [SNAKEMAKE, "--cores", "2", "--config", f"input_root={root}", f"output_root={out}", "check_length=4096"]
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not (out / "logs" / "convert").exists():
+    while time.time() < deadline and not (out / "logs" / "convert_batch").exists():
         time.sleep(0.1)
     second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert second.returncode != 0 and "cannot be locked" in second.stdout + second.stderr
@@ -514,33 +514,71 @@ def test_verify_outputs_names_changed_and_missing_files(catalogue_run, tmp_path)
 
 
 def test_killed_conversion_still_gets_a_report_and_a_rerun_finishes_it(tmp_path):
-    """A conversion killed from outside (the OOM killer, a node going down) ends the run with a
-    full report naming it; the next run converts only what did not finish."""
+    """A conversion job killed from outside (the OOM killer, a node going down) part way through
+    its batch ends the run with a full report: the file it had finished keeps its record, the
+    file it was on is named as killed, the one it never reached says so; the next run converts
+    only the two that did not finish."""
     import yaml
 
     root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
-    for i in range(2):
+    for i in range(3):
         (root / f"eng_spa_owt_run_{i}").mkdir(parents=True)
         _small_ckpt()(str(root / f"eng_spa_owt_run_{i}" / "best_state_100.pt"))
     cmd = [SNAKEMAKE, "--cores", "1", "--config", f"input_root={root}", f"output_root={out}", "check_length=4096"]
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    attempts, deadline, pid = out / "attempts", time.time() + 180, None
-    while time.time() < deadline and pid is None:
-        markers = list(attempts.rglob("*.yaml")) if attempts.exists() else []
-        if markers:
-            pid = yaml.safe_load(markers[0].read_text())["pid"]
-        time.sleep(0.1)
-    assert pid, "no conversion started"
-    time.sleep(1.5)  # importing torch, reading the file
-    os.kill(pid, signal.SIGKILL)
+    staged, deadline = out / "staged" / "eng_spa_owt_run_0" / "best_state_100.yaml", time.time() + 180
+    while time.time() < deadline and not staged.exists():
+        time.sleep(0.05)
+    assert staged.exists(), "the first conversion did not finish"
+    attempt = out / "attempts" / "eng_spa_owt_run_1" / "best_state_100.yaml"
+    while time.time() < deadline and not attempt.exists():
+        time.sleep(0.02)
+    pid = yaml.safe_load(attempt.read_text())["pid"]
+    os.kill(pid, signal.SIGKILL)  # on the second file of the batch
     output, _ = first.communicate(timeout=300)
     assert first.returncode != 0, output[-3000:]
     rows = {r["relative_path"]: r for r in read_report(str(out / "report.csv"))}
-    assert len(rows) == 2 and all(r["status"] == "failed" for r in rows.values()), rows
-    killed = rows[markers[0].relative_to(attempts).with_suffix(".pt").as_posix()]
-    assert "started on" in killed["reason"] and "did not finish" in killed["reason"], killed["reason"]
+    assert len(rows) == 3, rows
+    done, killed, never = (rows[f"eng_spa_owt_run_{i}/best_state_100.pt"] for i in range(3))
+    assert done["status"] == "converted" and float(done["max_abs_logit_diff"]) < 1e-4, done
+    assert (out / "converted" / "eng_spa_owt_run_0" / "best_state_100.pt").exists()
+    assert killed["status"] == "failed" and "started on" in killed["reason"] and "did not finish" in killed["reason"]
+    assert "staged/eng_spa_owt_run_1/best_state_100.log" in killed["reason"], killed["reason"]
+    assert never["status"] == "failed" and "did not run" in never["reason"], never["reason"]
     rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     counts = job_counts(rerun.stdout + rerun.stderr)
-    assert counts.get("convert") == 2 and "plan" not in counts  # the killed one and the one never run
-    assert sorted(r["status"] for r in read_report(str(out / "report.csv"))) == ["converted", "converted"]
+    assert counts.get("convert_batch") == 1 and counts.get("convert") == 3 and "plan" not in counts
+    (summary,) = (out / "batches").glob("*.yaml")
+    reused = {f["key"]: f["reused"] for f in yaml.safe_load(summary.read_text())["files"]}
+    assert reused == {"eng_spa_owt_run_0/best_state_100": True, "eng_spa_owt_run_1/best_state_100": False,
+                      "eng_spa_owt_run_2/best_state_100": False}
+    assert sorted(r["status"] for r in read_report(str(out / "report.csv"))) == ["converted"] * 3
+
+
+def test_a_failing_file_in_a_batch_leaves_the_others_converted(tmp_path):
+    """One conversion job, three files, the middle one with a NaN weight: its check fails and
+    is a row; the files before and after it are converted by the same process."""
+    import yaml
+
+    root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
+    for i in range(3):
+        (root / f"eng_spa_owt_run_{i}").mkdir(parents=True)
+        make = _small_ckpt(_poison(float("nan"))) if i == 1 else _small_ckpt()
+        make(str(root / f"eng_spa_owt_run_{i}" / "best_state_100.pt"))
+    proc = snakemake(str(root), str(out))
+    assert proc.returncode != 0 and "1 checkpoint(s) failed" in proc.stdout + proc.stderr  # the gate, after the report
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts.get("convert_batch") == 1 and counts.get("convert") == 3, counts
+    rows = {r["relative_path"]: r for r in read_report(str(out / "report.csv"))}
+    assert [rows[f"eng_spa_owt_run_{i}/best_state_100.pt"]["status"] for i in range(3)] == \
+        ["converted", "failed", "converted"]
+    assert "non-finite" in rows["eng_spa_owt_run_1/best_state_100.pt"]["reason"]
+    (summary,) = (out / "batches").glob("*.yaml")
+    summary = yaml.safe_load(summary.read_text())
+    assert [f["status"] for f in summary["files"]] == ["converted", "failed", "converted"]
+    # Each file has its own log with its own stages, published beside its record.
+    for i in range(3):
+        text = (out / "logs" / "convert" / f"eng_spa_owt_run_{i}" / "best_state_100.log").read_text()
+        assert f"file {i + 1} of 3" in text and "check" in text
+    assert not (out / "converted" / "eng_spa_owt_run_1" / "best_state_100.pt").exists()

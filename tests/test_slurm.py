@@ -127,7 +127,7 @@ def test_cancelled_conversion_job_is_reported_and_completed_by_a_rerun(slurm_clu
     while time.time() < deadline and not job_id:
         running = subprocess.run(["squeue", "-h", "-p", "gpu", "-t", "R", "-o", "%i"], env=env,
                                  capture_output=True, text=True).stdout.split()
-        logs = list((out_root / "logs/convert").rglob("*.log")) if (out_root / "logs/convert").exists() else []
+        logs = list((out_root / "staged").rglob("*.log")) if (out_root / "staged").exists() else []
         if running and any("conversion" in p.read_text() or p.stat().st_size for p in logs):
             job_id = running[0]
         time.sleep(0.2)
@@ -147,7 +147,9 @@ def test_cancelled_conversion_job_is_reported_and_completed_by_a_rerun(slurm_clu
     stop.set()
     watcher.join()
     assert rerun.returncode == 0, rerun.stdout[-4000:]
-    assert job_counts(rerun.stdout)["convert"] == len(unfinished)  # only what did not finish
+    # Only what did not finish is converted again; a file its batch finished before the kill is reused.
+    redone = [f for summary in _records(out_root / "batches").values() for f in summary["files"] if not f["reused"]]
+    assert len(redone) == len(unfinished), redone
     statuses = sorted(r["status"] for r in read_report(str(out_root / "report.csv")))
     assert statuses == ["converted", "converted", "not_needed"]
     assert problems == []
@@ -159,13 +161,13 @@ def test_conversion_killed_for_memory_is_reported_and_redone(slurm_cluster, tmp_
     root, out_root = tmp_path / "clean_bbpe_50k", tmp_path / "out"
     _tree(root, n_small=1, n_medium=1)
     # 600 MB: enough for Snakemake's job step and importing torch, not for a 4096-token check (~1 GB).
-    killed = slurm_snakemake(slurm_cluster, root, out_root, "--set-resources", "convert:mem_mb=600",
+    killed = slurm_snakemake(slurm_cluster, root, out_root, "--set-resources", "convert_batch:mem_mb=600",
                              check_length=4096)
     assert killed.returncode != 0, killed.stdout[-3000:]
     rows = {r["relative_path"]: r for r in read_report(str(out_root / "report.csv"))}
     row = rows["eng_spa_owt_run_0/best_state_100.pt"]
     assert row["status"] == "failed" and "SLURM job" in row["reason"], row
-    assert "exceeded its memory limit" in row["reason"] and "logs/convert/" in row["reason"], row["reason"]
+    assert "exceeded its memory limit" in row["reason"] and "staged/eng_spa_owt_run_0/best_state_100.log" in row["reason"], row["reason"]
     assert rows["hin_urd_owt_run_0/best_state_100.pt"]["status"] == "not_needed"
     assert (out_root / "figures" / "report_table.html").exists()
     assert not (out_root / "converted" / "eng_spa_owt_run_0" / "best_state_100.pt").exists()

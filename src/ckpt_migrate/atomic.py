@@ -36,7 +36,10 @@ class PendingFile:
         """Write the whole content through ``write(f)`` and fsync; returns (sha256 hex, bytes)."""
         with open(self.tmp, "wb") as f:
             writer = HashingWriter(f)
-            write(writer)
+            try:
+                write(writer)
+            finally:
+                writer.close()
             f.flush()
             os.fsync(f.fileno())
         return writer.sha256.hexdigest(), writer.size
@@ -107,20 +110,46 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 class HashingWriter:
-    """A write-only file wrapper that hashes what passes through (sha256)."""
+    """A write-only file wrapper that hashes what passes through (sha256).
+
+    A large chunk (a tensor's storage) is hashed on a second thread while it is written: both
+    release the GIL, so the hash costs little beyond the write. Each call returns only when both
+    are done, as the caller may reuse its buffer afterwards."""
+
+    PARALLEL_BYTES = 1 << 20  # below this, starting the other thread costs more than it saves
 
     def __init__(self, f: BinaryIO):
         self._f = f
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self._hasher = None
 
     def write(self, data) -> int:
-        self.sha256.update(data)
-        self.size += len(data)
-        return self._f.write(data)
+        size = memoryview(data).nbytes
+        if size < self.PARALLEL_BYTES:
+            self.sha256.update(data)
+            written = self._f.write(data)
+        else:
+            if self._hasher is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+            hashed = self._hasher.submit(self.sha256.update, data)
+            try:
+                written = self._f.write(data)
+            finally:
+                hashed.result()
+        self.size += size
+        return written
 
     def flush(self) -> None:
         self._f.flush()
+
+    def close(self) -> None:
+        """Stop the hashing thread (the file itself belongs to the caller)."""
+        if self._hasher is not None:
+            self._hasher.shutdown()
+            self._hasher = None
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:

@@ -23,8 +23,10 @@ from dataclasses import dataclass
 
 import yaml
 
-# What the convert rule asks for when the profile does not say (workflow/rules/convert.smk).
-RULE_CONVERT_RESOURCES = {"mem_mb": 16000, "runtime": 30, "cpus_per_task": 4, "gpu": 1}
+# The rule of the conversion jobs, and what it asks for when the profile does not say
+# (workflow/rules/convert.smk; its runtime grows with the files per job, see conversion_request).
+CONVERT_RULE = "convert_batch"
+RULE_CONVERT_RESOURCES = {"mem_mb": 16000, "cpus_per_task": 4, "gpu": 1}
 NODE_LOCAL = ("/tmp", "/dev/shm", "/var/tmp", "/run")
 PROBE_CODE = r"""
 import json, socket, time
@@ -71,10 +73,14 @@ def load_config(configfile: str, overrides: list[str]) -> dict:
     return config
 
 
-def conversion_request(profile: dict) -> dict:
-    """The resources one conversion job asks SLURM for, with this profile."""
+def conversion_request(profile: dict, config: dict | None = None) -> dict:
+    """The resources one conversion job (a full batch) asks SLURM for, with this profile and config."""
+    from .pipeline import DEFAULT_CONVERSIONS_PER_JOB, batch_minutes
+
+    per_job = int((config or {}).get("conversions_per_job") or DEFAULT_CONVERSIONS_PER_JOB)
     request = {**RULE_CONVERT_RESOURCES, **(profile.get("default-resources") or {}),
-               **((profile.get("set-resources") or {}).get("convert") or {})}
+               "runtime": batch_minutes(per_job),  # the rule's own runtime wins over the default
+               **((profile.get("set-resources") or {}).get(CONVERT_RULE) or {})}
     request["gpu"] = (profile.get("resources") or {}).get("gpu", request["gpu"])
     return request
 
@@ -114,7 +120,7 @@ def _partitions() -> dict[str, dict]:
     return partitions
 
 
-def slurm_findings(profile: dict) -> list[Finding]:
+def slurm_findings(profile: dict, config: dict | None = None) -> list[Finding]:
     found: list[Finding] = []
     missing = [c for c in ("sbatch", "squeue", "sinfo", "scontrol") if not shutil.which(c)]
     if missing:
@@ -124,7 +130,7 @@ def slurm_findings(profile: dict) -> list[Finding]:
     if not partitions:
         return [Finding("FAIL", "sinfo lists no partitions (is slurmctld reachable?)", "check `sinfo` by hand")]
     found.append(Finding("ok", f"SLURM reachable: partitions {', '.join(sorted(partitions))}"))
-    request = conversion_request(profile)
+    request = conversion_request(profile, config)
     default_partition = (profile.get("default-resources") or {}).get("slurm_partition")
     for role, name in (("default", default_partition), ("conversion", request.get("slurm_partition"))):
         if not name:
@@ -152,21 +158,21 @@ def _fit_findings(request: dict, part: dict) -> list[Finding]:
     found = []
     if wants_gpu and not any(n["gpus"] for n in part["nodes"]):
         found.append(Finding("FAIL", f"conversion partition {name!r} has no node with GPUs (gres)",
-                             "set set-resources: convert: slurm_partition to the GPU partition"))
+                             f"set set-resources: {CONVERT_RULE}: slurm_partition to the GPU partition"))
     usable = [n for n in part["nodes"] if n["gpus"] or not wants_gpu]
     fits = [n for n in usable if n["cpus"] >= cpus and n["mem_mb"] >= mem]
     if usable and not fits:
         biggest = max(usable, key=lambda n: (n["mem_mb"], n["cpus"]))
         found.append(Finding("FAIL", f"no node in {name!r} fits a conversion job ({cpus} CPUs, {mem} MB); "
                                      f"the largest has {biggest['cpus']} CPUs, {biggest['mem_mb']} MB",
-                             "lower cpus_per_task / mem_mb under set-resources: convert (the job would pend for ever)"))
+                             f"lower cpus_per_task / mem_mb under set-resources: {CONVERT_RULE} (the job would pend for ever)"))
     elif fits:
         found.append(Finding("ok", f"{len(fits)} node(s) in {name!r} fit a conversion job ({cpus} CPUs, {mem} MB"
                                    + (", a GPU)" if wants_gpu else ")")))
     runtime = float(request.get("runtime", 0))
     if runtime > _minutes(part["limit"]):
         found.append(Finding("FAIL", f"conversion runtime {runtime:g} min exceeds {name!r}'s limit {part['limit']}",
-                             "lower runtime under set-resources: convert, or group-components"))
+                             "lower conversions_per_job in the config (each file adds 5 minutes)"))
     return found
 
 
@@ -327,7 +333,7 @@ def run_doctor(profile_dir: str | None, workflow_profile: str | None, configfile
     config = load_config(configfile, overrides)
     found: list[Finding] = []
     if profile.get("executor") == "slurm" and not local:
-        found += slurm_findings(profile)
+        found += slurm_findings(profile, config)
     elif profile_dir:
         found.append(Finding("ok", f"profile {profile_dir} runs jobs with the {profile.get('executor', 'local')} executor"))
     found += storage_findings(config)

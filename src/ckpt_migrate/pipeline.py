@@ -33,7 +33,16 @@ from .safe_pickle import one_line
 
 log = logging.getLogger(__name__)
 
-PLAN_HEADER = ("key", "status")  # key: the checkpoint's wildcard value (its path, %-escaped, without .pt)
+# key: the checkpoint's wildcard value (its path, %-escaped, without .pt); batch: the conversion job
+# a small file is in; source: its path as hex bytes (any file name survives the TSV).
+PLAN_HEADER = ("key", "status", "batch", "source")
+DEFAULT_CONVERSIONS_PER_JOB = 8
+
+
+def batch_minutes(files: int) -> int:
+    """The time a conversion job asks for: start-up, then a generous 5 minutes a file (one full-size
+    file takes well under a minute on a GPU and a few on a CPU)."""
+    return 10 + 5 * max(1, files)
 REPORT_COLUMNS = (
     "path", "relative_path", "lang_pair", "run", "step", "format", "variant", "reason", "num_layers",
     "model_dim", "num_heads", "vocab_size", "padded_vocab", "params", "size_bytes", "mtime", "status",
@@ -134,6 +143,21 @@ class OutputLayout:
     def log(self, rule: str, key: str) -> str:
         return f"{self.root}/logs/{rule}/{key}.log"
 
+    def batch(self, batch_id: str) -> str:
+        """The summary a conversion job writes when every file of its batch has its record."""
+        return f"{self.root}/batches/{batch_id}.yaml"
+
+    def batch_log(self, batch_id: str) -> str:
+        return f"{self.root}/logs/convert_batch/{batch_id}.log"
+
+    def staged(self, key: str) -> str:
+        """A file's check record as its conversion job writes it, the moment that file is done
+        (the per-file ``convert`` rule publishes it as ``check(key)``)."""
+        return f"{self.root}/staged/{key}.yaml"
+
+    def staged_log(self, key: str) -> str:
+        return f"{self.root}/staged/{key}.log"
+
 
 def checkpoint_key(relative_path: str) -> str:
     """Wildcard value of a checkpoint: its path under input_root without the .pt suffix.
@@ -228,11 +252,15 @@ def _read_index(path: str) -> dict:
 
 def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], layout: OutputLayout,
                     seconds: float = DEFAULT_SECONDS, memory_mb: int = DEFAULT_MEMORY_MB,
-                    overrides: dict | None = None) -> list[str]:
+                    overrides: dict | None = None,
+                    conversions_per_job: int = DEFAULT_CONVERSIONS_PER_JOB) -> list[str]:
     """Detect every checkpoint whose manifest is missing or stale, in this one process, and write the plan.
 
     A manifest is reused when its file's size and mtime, the detector and the overrides are
-    unchanged, so a rerun detects only what is new or changed. Returns the keys to convert."""
+    unchanged, so a rerun detects only what is new or changed. Each small file is put in a
+    conversion batch: the one it was in if the file is unchanged (so its finished conversion
+    stands), else a new batch of up to ``conversions_per_job`` new or changed files.
+    Returns the keys to convert."""
     import time
 
     from .fingerprint import detector_fingerprint
@@ -242,13 +270,13 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
     index = _read_index(layout.manifest_index)
     new_index: dict[str, dict] = {}
     rows, detected, t0 = [], 0, time.perf_counter()
+    unbatched: list[str] = []
     for key in sorted(sources):
         manifest_path = layout.manifest(key)
         identity = {**_file_identity(sources[key]), "detector": detector, "overrides": overrides,
                     "manifest_ns": _mtime_ns(manifest_path)}
-        entry = index.get(key)
-        if entry is not None and entry.get("manifest_ns") is not None and \
-                {k: entry.get(k) for k in identity} == identity:
+        entry = index.get(key) or {}
+        if entry.get("manifest_ns") is not None and {k: entry.get(k) for k in identity} == identity:
             status = entry["status"]  # unchanged file and manifest: not even the YAML is read
         else:
             record = _still_current(manifest_path, identity)
@@ -258,58 +286,176 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
             status = record.get("status", "unknown")
             identity["manifest_ns"] = _mtime_ns(manifest_path)
         new_index[key] = {**identity, "status": status}
-        rows.append((key, status))
+        if status == "to_convert":
+            same_file = all(entry.get(k) == identity[k] for k in ("size", "mtime"))
+            if same_file and entry.get("batch"):
+                new_index[key]["batch"] = entry["batch"]
+            else:
+                unbatched.append(key)
+        rows.append(key)
+    for start in range(0, len(unbatched), max(1, conversions_per_job)):
+        members = unbatched[start:start + max(1, conversions_per_job)]
+        batch_id = "b" + hashlib.sha256(json.dumps(
+            [[key, new_index[key]["size"], new_index[key]["mtime"]] for key in members]).encode()).hexdigest()[:12]
+        for key in members:
+            new_index[key]["batch"] = batch_id
     atomic_write_text(layout.manifest_index, json.dumps(new_index))
-    log.info("detected %d file(s), reused %d manifest(s) in %.1f s", detected, len(rows) - detected,
-             time.perf_counter() - t0)
+    log.info("detected %d file(s), reused %d manifest(s) in %.1f s; %d new or changed file(s) to convert",
+             detected, len(rows) - detected, time.perf_counter() - t0, len(unbatched))
     buf = io.StringIO()
     writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
     writer.writerow(PLAN_HEADER)
-    writer.writerows(rows)
+    for key in rows:
+        entry = new_index[key]
+        source = os.fsencode(os.path.abspath(sources[key])).hex() if entry.get("batch") else ""
+        writer.writerow((key, entry["status"], entry.get("batch", ""), source))
     atomic_write_text(layout.plan, buf.getvalue())
-    return [key for key, status in rows if status == "to_convert"]
+    return [key for key in rows if new_index[key]["status"] == "to_convert"]
 
 
 def read_plan(plan_path: str) -> list[tuple[str, str]]:
+    """(key, status) of every checkpoint in the plan."""
+    return [(row["key"], row["status"]) for row in _plan_rows(plan_path)]
+
+
+def read_batches(plan_path: str) -> dict[str, dict[str, str]]:
+    """{batch id: {key: source path}} of the small files the plan says to convert."""
+    batches: dict[str, dict[str, str]] = {}
+    for row in _plan_rows(plan_path):
+        if row["batch"]:
+            batches.setdefault(row["batch"], {})[row["key"]] = os.fsdecode(bytes.fromhex(row["source"]))
+    return batches
+
+
+def _plan_rows(plan_path: str) -> list[dict[str, str]]:
     with open(plan_path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter="\t")
         next(reader, None)
-        return [(row[0], row[1]) for row in reader if len(row) == 2]
+        return [dict(zip(PLAN_HEADER, row)) for row in reader if len(row) == len(PLAN_HEADER)]
 
 
 def run_conversion(src: str, manifest_path: str, converted_path: str, check_path: str,
                    check_settings: dict[str, Any], attempt_path: str | None = None,
-                   overrides: dict | None = None) -> dict:
+                   overrides: dict | None = None, log_path: str | None = None) -> dict:
     """Convert + check one small checkpoint; always writes the check record, the .pt only on success.
 
     ``attempt_path`` records where the conversion runs before it starts, so that a job killed
-    from outside (SLURM's memory or time limit, scancel) can still be named in the report."""
+    from outside (SLURM's memory or time limit, scancel) can still be named in the report. The
+    record says which file (size, mtime), converter, check settings and overrides it is for, so
+    that a later run can tell whether it still stands (:func:`current_record`)."""
     import time
 
     # Recorded before torch is even imported: a job killed for memory may not get further.
     if attempt_path:
-        write_yaml(attempt_path, {**job_environment(), "pid": os.getpid(), "started": time.time()})
+        write_yaml(attempt_path, {**job_environment(), "pid": os.getpid(), "started": time.time(),
+                                  "log": log_path or ""})
     from .check import CheckSettings
+    from .fingerprint import converter_fingerprint
     from .migrate import convert_file
 
     manifest = read_yaml(manifest_path)
     settings = CheckSettings(**check_settings)
+    identity = _source_identity(src)
     try:
         # convert_file reads the file as it is now (one read for the record and the tensors).
         result = convert_file(src, converted_path, settings, overrides)
     except Exception as exc:  # one line in the record; the run goes on with the other checkpoints
         log.exception("conversion of %s failed", src)
         result = {"source": os.path.abspath(src), "status": "failed",
+                  "converter_fingerprint": converter_fingerprint(),
                   "reason": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
     if result["status"] != "converted" and os.path.exists(converted_path):
         # A previous good conversion of an older file must not stand for this one.
         os.unlink(converted_path)
-    result = {"relative_path": manifest.get("relative_path", ""), **result, "converted_on": job_environment()}
+    result = {"relative_path": manifest.get("relative_path", ""), **result, "converted_on": job_environment(),
+              "source_identity": identity, "check_settings": dict(check_settings),
+              "overrides": dict(overrides or {})}
     if display_path(src) != src:  # the YAML text of the path is not the path: keep its bytes too
         result["source_path_hex"] = os.fsencode(os.path.abspath(src)).hex()
     write_yaml(check_path, result)
-    log.info("%s: %s %s", src, result["status"], result.get("reason", ""))
+    log.info("%s: %s %s", display_path(src), result["status"], result.get("reason", ""))
     return result
+
+
+def _source_identity(path: str) -> dict | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def current_record(record_path: str, src: str, converted_path: str, check_settings: dict[str, Any],
+                   overrides: dict | None) -> dict | None:
+    """The check record at ``record_path`` if it still stands for ``src`` as it is now: the same
+    file (size, mtime, inode), converter, check settings and overrides, and, for a conversion,
+    its output still there. None otherwise (then the file is converted again)."""
+    from .fingerprint import converter_fingerprint
+
+    try:
+        record = read_yaml(record_path)
+    except (OSError, yaml.YAMLError):
+        return None
+    identity = _source_identity(src)
+    stands = (identity is not None and record.get("source_identity") == identity
+              and record.get("converter_fingerprint") == converter_fingerprint()
+              and record.get("check_settings") == dict(check_settings)
+              and record.get("overrides") == dict(overrides or {})
+              and (record.get("status") != "converted" or os.path.isfile(converted_path)))
+    return record if stands else None
+
+
+def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any], overrides: dict | None,
+              summary_path: str) -> dict:
+    """One conversion job: every small file of a batch, one after another in this one process.
+
+    Python, torch and (on a GPU) CUDA start once for the batch. Each file's record and log are
+    written the moment that file is done (``staged/``), so a job killed part way keeps what it
+    finished and the report names the file it was on; a file that fails is a record, not a
+    failed job. A file whose record from an earlier run still stands is not converted again."""
+    import gc
+    import time
+
+    t0 = time.perf_counter()
+    members = read_batches(layout.plan).get(batch_id)
+    if members is None:
+        raise ValueError(f"batch {batch_id} is not in the plan {layout.plan}; rerun the workflow")
+    summary: dict[str, Any] = {"batch": batch_id, **job_environment(), "pid": os.getpid(), "files": []}
+    for key, src in members.items():
+        staged, converted = layout.staged(key), layout.converted(key)
+        started = time.perf_counter()
+        record = current_record(staged, src, converted, check_settings, overrides)
+        if record is not None:
+            log.info("%s: its record from an earlier run stands (%s)", display_path(src), record.get("status"))
+            summary["files"].append({"key": key, "status": record.get("status"), "reused": True, "seconds": 0.0})
+            continue
+        handler = _file_log(layout.staged_log(key))
+        try:
+            log.info("batch %s, file %d of %d: %s", batch_id, len(summary["files"]) + 1, len(members),
+                     display_path(src))
+            record = run_conversion(src, layout.manifest(key), converted, staged, check_settings,
+                                    layout.attempt(key), overrides, layout.staged_log(key))
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        summary["files"].append({"key": key, "status": record["status"], "reused": False,
+                                 "seconds": round(time.perf_counter() - started, 3)})
+        gc.collect()  # the next file must not find this one's tensors still held
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    write_yaml(summary_path, summary)
+    return summary
+
+
+def _file_log(path: str) -> logging.Handler:
+    """Log records to ``path`` too (a file's own log, beside the job's), from now until removed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    return handler
 
 
 def lang_and_run(relative_path: str) -> tuple[str, str]:
@@ -393,7 +539,7 @@ def report_after_failure(layout: OutputLayout, relative_paths: dict[str, str]) -
     rows, inputs = [], [layout.plan]
     for key, rel in sorted(relative_paths.items(), key=lambda kv: kv[1]):
         manifest_path, check_path = layout.manifest(key), layout.check(key)
-        inputs += [manifest_path, check_path]
+        inputs += [manifest_path, check_path, layout.staged(key)]
         if os.path.exists(manifest_path):
             manifest = read_yaml(manifest_path)
         else:
@@ -401,7 +547,10 @@ def report_after_failure(layout: OutputLayout, relative_paths: dict[str, str]) -
                         "reason": f"detection did not finish (log: {layout.plan_log})"}
         check = None
         if manifest.get("status") == "to_convert":
-            check = read_yaml(check_path) if os.path.exists(check_path) else {
+            # A file its conversion job finished before the failure has its record in staged/.
+            staged = layout.staged(key)
+            newest = max((p for p in (check_path, staged) if os.path.exists(p)), key=_mtime_ns, default=None)
+            check = read_yaml(newest) if newest else {
                 "status": "failed", "reason": unfinished_conversion_reason(layout, key)}
         rows.append(report_row(manifest, check))
     _write_rows(rows, layout.report)
@@ -424,7 +573,8 @@ def unfinished_conversion_reason(layout: OutputLayout, key: str) -> str:
     state = slurm_job_state(job_id) if job_id else ""
     if job_id:
         where += f" in SLURM job {job_id}" + (f" ({state})" if state else "")
-    return one_line(f"conversion started {where} but did not finish; log: {layout.log('convert', key)}", 300)
+    log_path = attempt.get("log") or layout.staged_log(key)
+    return one_line(f"conversion started {where} but did not finish; log: {log_path}", 300)
 
 
 # What a SLURM job's own log says when SLURM or the kernel stopped it.

@@ -8,7 +8,9 @@ from snakemake.utils import validate
 from ckpt_migrate.fingerprint import converter_fingerprint, detector_fingerprint
 from ckpt_migrate.pipeline import (
     OutputLayout,
+    batch_minutes,
     checkpoint_sources,
+    read_batches,
     read_plan,
     read_report,
     report_after_failure,
@@ -59,14 +61,6 @@ def _as_input(path):
 NOT_AN_INPUT = re.compile(r"\{\s*[.\w]+|[\x00-\x1f\x7f\udc80-\udcff]")
 
 
-def source_path(wildcards):
-    return SOURCES[wildcards.ckpt]
-
-
-def source_input(wildcards):
-    return _as_input(SOURCES[wildcards.ckpt])
-
-
 def detect_inputs():
     """Every match that is a file Snakemake can carry as an input, so that a new or replaced
     checkpoint (newer mtime) reruns the plan. Other matches (folders, FIFOs, broken links, odd
@@ -78,12 +72,28 @@ def check_path(ckpt):
     return LAYOUT.check(ckpt)
 
 
-def converted_path(wildcards):
-    return LAYOUT.converted(wildcards.ckpt)
+def _plan_batches():
+    """{batch: {key: source}} from the plan, read once per plan version (input functions run per job)."""
+    plan = checkpoints.plan.get().output.plan
+    stamp = (plan, os.stat(plan).st_mtime_ns)
+    if _BATCHES.get("stamp") != stamp:
+        batches = read_batches(plan)
+        _BATCHES.update(stamp=stamp, batches=batches,
+                        batch_of={key: batch for batch, members in batches.items() for key in members})
+    return _BATCHES
 
 
-def attempt_path(wildcards):
-    return LAYOUT.attempt(wildcards.ckpt)
+_BATCHES = {}
+
+
+def batch_summary(wildcards):
+    """The summary of the conversion job whose batch holds this checkpoint."""
+    return LAYOUT.batch(_plan_batches()["batch_of"][wildcards.ckpt])
+
+
+def batch_runtime(wildcards):
+    """Minutes for a conversion job: start-up, then each file of its batch."""
+    return batch_minutes(len(_plan_batches()["batches"].get(wildcards.batch, ())))
 
 
 def report_inputs(wildcards):

@@ -1,21 +1,18 @@
-# Conversion: one job per small-format checkpoint, on a GPU where the executor gives one.
-# The check record is the rule's output; the converted .pt is published by the job only when
-# the logit check passes, so a failed check is a finished job with a "failed" record (a
-# failing member would fail its whole SLURM job group and remove the others' outputs).
+# Conversion, in batches: the plan puts the small-format files that are new or changed into
+# batches of up to conversions_per_job, and one convert_batch job (one SLURM job, on a GPU where
+# the executor gives one) converts a whole batch in one process, so Python, torch and CUDA start
+# once per batch, not once per file. It writes each file's record and log the moment that file
+# is done (staged/), and a failed check is a record, not a failed job. The per-file convert
+# job publishes that record as the file's output: reruns, -n and the report stay per file.
 
 
-rule convert:
+rule convert_batch:
     input:
-        source=source_input,
         # Order only: the plan is rewritten whenever a new file lands, which must not redo this.
         plan=ancient(LAYOUT.plan),
     output:
-        check=LAYOUT.check("{ckpt}"),
+        summary=LAYOUT.batch("{batch}"),
     params:
-        source=source_path,
-        manifest=lambda wildcards: LAYOUT.manifest(wildcards.ckpt),
-        converted=converted_path,
-        attempt=attempt_path,
         check=CHECK_SETTINGS,
         overrides=OVERRIDES,
         # rerun-triggers track params, not imported library code: a changed converter reruns.
@@ -23,13 +20,37 @@ rule convert:
     resources:
         gpu=1,
         mem_mb=16000,
-        runtime=30,
+        # The profile's runtime for convert_batch, if set, wins over this (Snakemake's precedence).
+        runtime=batch_runtime,
     threads: 4
+    conda:
+        "../envs/ckpt_migrate.yaml"
+    log:
+        LAYOUT.batch_log("{batch}"),
+    benchmark:
+        f"{OUT}/benchmarks/convert_batch/{{batch}}.tsv"
+    script:
+        "../scripts/convert.py"
+
+
+localrules:
+    convert,
+
+
+rule convert:
+    input:
+        batch=batch_summary,
+    output:
+        check=LAYOUT.check("{ckpt}"),
+    params:
+        staged=lambda wildcards: LAYOUT.staged(wildcards.ckpt),
+        staged_log=lambda wildcards: LAYOUT.staged_log(wildcards.ckpt),
+        converter=CONVERTER_FINGERPRINT,
     conda:
         "../envs/ckpt_migrate.yaml"
     log:
         LAYOUT.log("convert", "{ckpt}"),
     benchmark:
         f"{OUT}/benchmarks/convert/{{ckpt}}.tsv"
-    script:
-        "../scripts/convert.py"
+    shell:
+        "cp {params.staged_log:q} {log:q} && cp {params.staged:q} {output.check:q}"

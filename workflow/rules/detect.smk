@@ -19,6 +19,7 @@ checkpoint plan:
         seconds=config["inspect_seconds"],
         memory_mb=config["inspect_memory_mb"],
         overrides=OVERRIDES,
+        conversions_per_job=config["conversions_per_job"],
         detector=DETECTOR_FINGERPRINT,
     conda:
         "../envs/ckpt_migrate.yaml"

@@ -1,7 +1,6 @@
-"""Snakemake job: convert one small checkpoint, check its logits, write the check record."""
-from ckpt_migrate.pipeline import job_logging, run_conversion
+"""Snakemake job: convert and check every small checkpoint of one batch, in this one process."""
+from ckpt_migrate.pipeline import OutputLayout, job_logging, run_batch
 
 job_logging(snakemake.log[0])
-run_conversion(snakemake.params.source, snakemake.params.manifest, snakemake.params.converted,
-               snakemake.output.check, dict(snakemake.params.check), snakemake.params.attempt,
-               dict(snakemake.params.overrides))
+run_batch(OutputLayout(snakemake.config["output_root"]), snakemake.wildcards.batch, dict(snakemake.params.check),
+          dict(snakemake.params.overrides), snakemake.output.summary)
