@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .atomic import PendingFile
-from .check import CheckSettings, logit_check, prepare_dtype
+from .check import CheckSettings, logit_check, prepare_dtype, return_freed_memory
 from .convert import ConversionError, convert_state_dict
 from .detect import (CONVERTED_FORMAT, config_from_record, converted_config, find_state_dict,
                      record_from_inspection, strip_prefixes)
@@ -213,6 +213,7 @@ class _BackgroundWrite:
             self.outcome["error"] = ((cause.strerror or str(cause)) if isinstance(cause, OSError)
                                      else " ".join(str(exc).split()))
         self.outcome["seconds"] = time.perf_counter() - start
+        return_freed_memory()
         _progress("written", self._t0)
 
     def finish(self) -> dict:

@@ -416,6 +416,8 @@ def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any
     import gc
     import time
 
+    from .check import return_freed_memory
+
     t0 = time.perf_counter()
     members = read_batches(layout.plan).get(batch_id)
     if members is None:
@@ -441,6 +443,7 @@ def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any
         summary["files"].append({"key": key, "status": record["status"], "reused": False,
                                  "seconds": round(time.perf_counter() - started, 3)})
         gc.collect()  # the next file must not find this one's tensors still held
+        return_freed_memory()
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     write_yaml(summary_path, summary)
     return summary
