@@ -50,7 +50,7 @@ def anon_kib():
 samples, stop = [], threading.Event()
 def sample():
     while not stop.is_set():
-        samples.append((time.perf_counter(), anon_kib()))
+        samples.append((time.time(), anon_kib()))
         time.sleep(0.01)
 threading.Thread(target=sample, daemon=True).start()
 from ckpt_migrate.pipeline import OutputLayout, run_batch
@@ -59,14 +59,13 @@ t_run = time.perf_counter()
 summary = run_batch(OutputLayout(out), batch, {"length": length, "device": device}, {}, out + "/summary.yaml")
 t_end = time.perf_counter()
 stop.set()
-# Per-file anonymous-memory peaks, from the files' consecutive wall times in the summary.
-peaks, start = [], t_run
-for f in summary["files"]:
-    end = start + f["seconds"]
-    peaks.append(max((kib for t, kib in samples if start <= t <= end), default=0))
-    start = end
+# Per-file anonymous-memory peaks, from each file's start and seconds in the summary.
+peaks = [max((kib for t, kib in samples if f["started"] <= t <= f["started"] + f["seconds"]), default=0)
+         for f in summary["files"]]
+# What each file adds over what the process held when it started (interpreter, torch, CUDA's kernels).
+rises = [peak - next((kib for t, kib in samples if t >= f["started"]), peak) for peak, f in zip(peaks, summary["files"])]
 print("RESULT " + json.dumps({"import_s": t_run - t0, "run_batch_s": t_end - t_run, "summary": summary,
-                              "peak_anon_kib": max(kib for _, kib in samples), "file_peak_anon_kib": peaks,
+                              "peak_anon_kib": max(kib for _, kib in samples), "file_peak_anon_kib": peaks, "file_rise_anon_kib": rises,
                               "anon_before_kib": samples[0][1]}))
 """
 
@@ -153,7 +152,8 @@ def batch_run(src: str, n: int, work: str, device: str, length: int, weights: in
     row = {
         "n": n, "device": device, "process_wall_s": round(wall, 2), "import_s": round(measured["import_s"], 2),
         "first_file_s": round(files[0]["seconds"], 2), "further_file_s": round(per_file, 2),
-        "startup_s": round(wall - n * per_file, 2), "check_s": round(check_s, 3), "write_s": round(write_s, 2),
+        "startup_s": round(wall - n * per_file, 2), "run_batch_s": round(measured["run_batch_s"], 2),
+        "files_sum_s": round(sum(f["seconds"] for f in files), 2), "check_s": round(check_s, 3), "write_s": round(write_s, 2),
         "floor_s": round(floor, 2), "floor_read_s": round(statistics.median(f["read_s"] for f in floors), 2),
         "floor_write_s": round(statistics.median(f["write_s"] for f in floors), 2),
         "further_over_floor": round(per_file / floor, 2),
@@ -162,6 +162,8 @@ def batch_run(src: str, n: int, work: str, device: str, length: int, weights: in
         "anon_before_over_weights": round(measured["anon_before_kib"] * 1024 / weights, 3),
         "first_file_peak_over_weights": round(peaks[0] * 1024 / weights, 3),
         "last_file_peak_over_weights": round(peaks[-1] * 1024 / weights, 3),
+        "first_file_rise_over_weights": round(measured["file_rise_anon_kib"][0] * 1024 / weights, 3),
+        "max_further_file_rise_over_weights": round(max(measured["file_rise_anon_kib"][1:] or [0]) * 1024 / weights, 3),
     }
     shutil.rmtree(work, ignore_errors=True)
     return row

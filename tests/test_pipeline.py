@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 
 import pytest
 import torch
@@ -253,3 +254,41 @@ def test_every_match_keeps_its_row_when_names_collide(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = {r["relative_path"]: r["status"] for r in read_report(str(out / "report.csv"))}
     assert rows == {"eng_spa_owt_run_1/best_state_100.pt": "converted", "eng_spa_owt_run_1/best_state_100": "converted"}
+
+
+def test_plan_batches_new_files_and_keeps_unchanged_ones_where_they_were(tmp_path):
+    """Batches of conversions_per_job new or changed small files; an unchanged file keeps its
+    batch (so its finished conversion stands); a replaced one moves to a new batch alone."""
+    from ckpt_migrate.pipeline import OutputLayout, checkpoint_sources, detect_and_plan, read_batches
+
+    root, layout = tmp_path / "clean_bbpe_50k", OutputLayout(str(tmp_path / "out"))
+    for i in range(5):
+        _small(root / f"eng_spa_owt_run_{i}/best_state_100.pt", seed=i)
+    _medium(root / "hin_urd_owt_run_0/best_state_100.pt")
+
+    def plan():
+        sources = checkpoint_sources(str(root), "*_owt_run_*/best_state_*.pt")
+        detect_and_plan(sources, {k: os.path.relpath(p, root) for k, p in sources.items()}, layout,
+                        conversions_per_job=2)
+        return read_batches(layout.plan)
+
+    first = plan()
+    assert sorted(len(members) for members in first.values()) == [1, 2, 2]
+    assert sorted(k for members in first.values() for k in members) == [f"eng_spa_owt_run_{i}/best_state_100"
+                                                                          for i in range(5)]
+    src = next(iter(next(iter(first.values())).values()))
+    assert os.path.isabs(src) and os.path.isfile(src)  # the source path, from the plan alone
+    batch_of = {k: b for b, members in first.items() for k in members}
+
+    assert plan() == first  # nothing changed: the same batches
+    _small(root / "eng_spa_owt_run_5/best_state_100.pt", seed=5)
+    time.sleep(0.01)
+    _small(root / "eng_spa_owt_run_0/best_state_100.pt", seed=50)  # replaced: new mtime and bytes
+    second = plan()
+    moved = {k: b for b, members in second.items() for k in members}
+    assert {k: moved[k] for k in batch_of if k != "eng_spa_owt_run_0/best_state_100"} == \
+        {k: b for k, b in batch_of.items() if k != "eng_spa_owt_run_0/best_state_100"}
+    new_batches = set(second) - set(first)
+    assert len(new_batches) == 1 and moved["eng_spa_owt_run_0/best_state_100"] in new_batches
+    assert set(second[moved["eng_spa_owt_run_0/best_state_100"]]) == {"eng_spa_owt_run_0/best_state_100",
+                                                                     "eng_spa_owt_run_5/best_state_100"}

@@ -34,15 +34,15 @@ class PendingFile:
 
     def write_with(self, write: Callable[[BinaryIO], None]) -> tuple[str, int]:
         """Write the whole content through ``write(f)`` and fsync; returns (sha256 hex, bytes)."""
-        with open(self.tmp, "wb") as f:
+        with open(self.tmp, "wb", buffering=0) as f:
             writer = HashingWriter(f)
             try:
                 write(writer)
-            finally:
-                writer.close()
-            f.flush()
-            os.fsync(f.fileno())
-        return writer.sha256.hexdigest(), writer.size
+                os.fsync(f.fileno())  # the hasher catches up meanwhile
+            except BaseException:
+                writer.abandon()
+                raise
+        return writer.hexdigest(), writer.size
 
     def commit(self) -> None:
         os.replace(self.tmp, self.path)
@@ -110,46 +110,94 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 class HashingWriter:
-    """A write-only file wrapper that hashes what passes through (sha256).
+    """A write-only file wrapper that counts what passes through and has it hashed (sha256).
 
-    A large chunk (a tensor's storage) is hashed on a second thread while it is written: both
-    release the GIL, so the hash costs little beyond the write. Each call returns only when both
-    are done, as the caller may reuse its buffer afterwards."""
-
-    PARALLEL_BYTES = 1 << 20  # below this, starting the other thread costs more than it saves
+    The hash is taken from the file itself, read back from the page cache a little behind the
+    writer by a second thread: it costs little beyond the write (both release the GIL), and it
+    is the hash of the bytes the file holds, whatever buffer the caller wrote them from.
+    ``f`` must be unbuffered (``open(path, "wb", buffering=0)``), so that what the writer
+    has written is in the file when the hasher reads it."""
 
     def __init__(self, f: BinaryIO):
         self._f = f
-        self.sha256 = hashlib.sha256()
         self.size = 0
-        self._hasher = None
+        self._hash = _TrailingHash(f.fileno())
 
     def write(self, data) -> int:
-        size = memoryview(data).nbytes
-        if size < self.PARALLEL_BYTES:
-            self.sha256.update(data)
-            written = self._f.write(data)
-        else:
-            if self._hasher is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
-            hashed = self._hasher.submit(self.sha256.update, data)
-            try:
-                written = self._f.write(data)
-            finally:
-                hashed.result()
-        self.size += size
-        return written
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):  # a raw write may take only part (e.g. 2 GiB at most on Linux)
+            done += self._f.write(view[done:])
+        self.size += done
+        self._hash.advance(done)
+        return done
 
     def flush(self) -> None:
         self._f.flush()
 
-    def close(self) -> None:
-        """Stop the hashing thread (the file itself belongs to the caller)."""
-        if self._hasher is not None:
-            self._hasher.shutdown()
-            self._hasher = None
+    def hexdigest(self) -> str:
+        """The file's sha256, once everything written so far is hashed."""
+        return self._hash.finish()
+
+    def abandon(self) -> None:
+        """Stop hashing (the write failed; its error is the one to report)."""
+        with contextlib.suppress(OSError):
+            self._hash.finish()
+
+
+class _TrailingHash:
+    """sha256 of a file being written, read back from a second descriptor on its own thread."""
+
+    CHUNK = 16 << 20
+
+    def __init__(self, fd: int):
+        import threading
+
+        self._fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY) if os.path.exists("/proc/self/fd") else os.dup(fd)
+        self._sha256 = hashlib.sha256()
+        self._written = self._hashed = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._digest = ""
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+
+    def advance(self, nbytes: int) -> None:
+        with self._wake:
+            self._written += nbytes
+            if self._written - self._hashed >= self.CHUNK:
+                self._wake.notify()
+
+    def finish(self) -> str:
+        if not self._digest:
+            with self._wake:
+                self._done = True
+                self._wake.notify()
+            self._thread.join()
+            os.close(self._fd)
+            if self._error is not None:
+                raise OSError(f"cannot read back the file being written to hash it: {self._error}")
+            self._digest = self._sha256.hexdigest()
+        return self._digest
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not self._done and self._written - self._hashed < self.CHUNK:
+                        self._wake.wait()
+                    target, last = self._written, self._done
+                while self._hashed < target:
+                    chunk = os.pread(self._fd, min(self.CHUNK, target - self._hashed), self._hashed)
+                    if not chunk:
+                        raise OSError(f"file shorter ({self._hashed} bytes) than written ({target})")
+                    self._sha256.update(chunk)
+                    self._hashed += len(chunk)
+                if last:
+                    return
+        except BaseException as exc:  # reported by finish(), in the writer's thread
+            self._error = exc
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:

@@ -425,11 +425,12 @@ def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any
     summary: dict[str, Any] = {"batch": batch_id, **job_environment(), "pid": os.getpid(), "files": []}
     for key, src in members.items():
         staged, converted = layout.staged(key), layout.converted(key)
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         record = current_record(staged, src, converted, check_settings, overrides)
         if record is not None:
             log.info("%s: its record from an earlier run stands (%s)", display_path(src), record.get("status"))
-            summary["files"].append({"key": key, "status": record.get("status"), "reused": True, "seconds": 0.0})
+            summary["files"].append({"key": key, "status": record.get("status"), "reused": True,
+                                     "started": round(started_at, 3), "seconds": 0.0})
             continue
         handler = _file_log(layout.staged_log(key))
         try:
@@ -441,7 +442,7 @@ def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any
             logging.getLogger().removeHandler(handler)
             handler.close()
         summary["files"].append({"key": key, "status": record["status"], "reused": False,
-                                 "seconds": round(time.perf_counter() - started, 3)})
+                                 "started": round(started_at, 3), "seconds": round(time.perf_counter() - started, 3)})
         gc.collect()  # the next file must not find this one's tensors still held
         return_freed_memory()
     summary["seconds"] = round(time.perf_counter() - t0, 3)
