@@ -149,3 +149,20 @@ def test_softcaps_bound_the_logits():
 def test_input_must_be_two_dimensional():
     with pytest.raises(ValueError, match=r"\[B, T\]"):
         GPTBatched(tiny_config("small"))(torch.zeros(8, dtype=torch.long))
+
+
+def test_cpu_flex_attention_one_head_at_a_time_gives_the_same_numbers(monkeypatch):
+    """Above SPLIT_HEADS_SCORE_BYTES the CPU runs eager flex one head at a time (for memory):
+    the result must be the all-heads result, with documents and a window in the mask."""
+    from ckpt_migrate import models
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 384, 32, generator=gen) for _ in range(3))
+    ids = torch.randint(0, 50, (2, 384), generator=gen)
+    ids[:, 100] = ids[:, 250] = 7  # document separators
+    mask = models.flex_block_mask(ids, eot_token=7, window_blocks=2)
+    whole = models.attend(q, k, v, mask)
+    monkeypatch.setattr(models, "SPLIT_HEADS_SCORE_BYTES", 0)
+    split = models.attend(q, k, v, mask)
+    assert split.shape == whole.shape == (2, 4, 384, 32)
+    assert torch.equal(split, whole)
