@@ -281,6 +281,10 @@ def test_plan_batches_new_files_and_keeps_unchanged_ones_where_they_were(tmp_pat
     batch_of = {k: b for b, members in first.items() for k in members}
 
     assert plan() == first  # nothing changed: the same batches
+    from ckpt_migrate.pipeline import write_yaml
+
+    for key in batch_of:  # their conversions finished
+        write_yaml(layout.check(key), {"status": "converted"})
     _small(root / "eng_spa_owt_run_5/best_state_100.pt", seed=5)
     time.sleep(0.01)
     _small(root / "eng_spa_owt_run_0/best_state_100.pt", seed=50)  # replaced: new mtime and bytes
@@ -292,3 +296,10 @@ def test_plan_batches_new_files_and_keeps_unchanged_ones_where_they_were(tmp_pat
     assert len(new_batches) == 1 and moved["eng_spa_owt_run_0/best_state_100"] in new_batches
     assert set(second[moved["eng_spa_owt_run_0/best_state_100"]]) == {"eng_spa_owt_run_0/best_state_100",
                                                                      "eng_spa_owt_run_5/best_state_100"}
+    # A deleted record (how a failed conversion is retried) puts its file in a new batch too.
+    for key in moved:
+        write_yaml(layout.check(key), {"status": "converted"})
+    os.unlink(layout.check("eng_spa_owt_run_3/best_state_100"))
+    third = plan()
+    retried = [b for b in set(third) - set(second)]
+    assert len(retried) == 1 and list(third[retried[0]]) == ["eng_spa_owt_run_3/best_state_100"]

@@ -582,3 +582,11 @@ def test_a_failing_file_in_a_batch_leaves_the_others_converted(tmp_path):
         text = (out / "logs" / "convert" / f"eng_spa_owt_run_{i}" / "best_state_100.log").read_text()
         assert f"file {i + 1} of 3" in text and "check" in text
     assert not (out / "converted" / "eng_spa_owt_run_1" / "best_state_100.pt").exists()
+    # Retrying the failed one (delete its record, rerun the plan) converts that file alone.
+    (out / "checks" / "eng_spa_owt_run_1" / "best_state_100.yaml").unlink()
+    retry = snakemake(str(root), str(out), "--forcerun", "plan")
+    counts = job_counts(retry.stdout + retry.stderr)
+    assert counts.get("convert_batch") == 1 and counts.get("convert") == 1, counts
+    (newest,) = [p for p in (out / "batches").glob("*.yaml") if yaml.safe_load(p.read_text())["batch"] != summary["batch"]]
+    assert [(f["key"], f["reused"]) for f in yaml.safe_load(newest.read_text())["files"]] == \
+        [("eng_spa_owt_run_1/best_state_100", False)]

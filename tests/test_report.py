@@ -93,3 +93,34 @@ def test_report_command_prints_the_summary(tmp_path, python):
     assert proc.returncode == 0 and "1 checkpoints: 1 converted" in proc.stdout
     missing = subprocess.run([python, "-m", "ckpt_migrate.cli", "report", str(tmp_path / "none")], capture_output=True, text=True)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_report_rereads_only_the_records_that_changed(tmp_path, monkeypatch):
+    """The report keeps each row with what it was read from: a rerun reads no YAML for
+    unchanged files, and a changed check record or manifest changes its row."""
+    from ckpt_migrate import pipeline
+
+    root, layout = tmp_path / "clean_bbpe_50k", pipeline.OutputLayout(str(tmp_path / "out"))
+    small = root / "eng_spa_owt_run_1/best_state_100.pt"
+    synthetic.save(synthetic.upstream_checkpoint(synthetic.small_state_dict("v2", vocab=VOCAB), "small"), str(small))
+    synthetic.save(synthetic.upstream_checkpoint(synthetic.medium_state_dict(vocab=VOCAB), "medium"),
+                   str(root / "hin_urd_owt_run_1/best_state_100.pt"))
+    sources = pipeline.checkpoint_sources(str(root), "*_owt_run_*/best_state_*.pt")
+    pipeline.detect_and_plan(sources, {k: os.path.relpath(p, root) for k, p in sources.items()}, layout)
+    rows = {r["relative_path"]: r["status"] for r in pipeline.write_report(layout)}
+    assert rows == {"eng_spa_owt_run_1/best_state_100.pt": "failed", "hin_urd_owt_run_1/best_state_100.pt": "not_needed"}
+
+    reads = []
+    real_read_yaml = pipeline.read_yaml
+    monkeypatch.setattr(pipeline, "read_yaml", lambda path: reads.append(path) or real_read_yaml(path))
+    again = pipeline.write_report(layout)
+    assert reads == [] and [r["status"] for r in again] == ["failed", "not_needed"]
+
+    pipeline.write_yaml(layout.check("eng_spa_owt_run_1/best_state_100"),
+                        {"status": "converted", "reason": "", "max_abs_logit_diff": 2e-6, "sha256": "ab" * 32,
+                         "converted_path": layout.converted("eng_spa_owt_run_1/best_state_100")})
+    rows = {r["relative_path"]: r for r in pipeline.write_report(layout)}
+    assert reads == [layout.manifest("eng_spa_owt_run_1/best_state_100"), layout.check("eng_spa_owt_run_1/best_state_100")]
+    row = rows["eng_spa_owt_run_1/best_state_100.pt"]
+    assert (row["status"], row["max_abs_logit_diff"], row["converted_sha256"]) == ("converted", 2e-6, "ab" * 32)
+    assert read_report(layout.report)[0]["status"] == "converted"

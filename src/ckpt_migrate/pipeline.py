@@ -1,9 +1,11 @@
 """What the Snakemake jobs do, one function per job (the workflow's scripts call these).
 
 - :func:`detect_and_plan`: detection of every new or changed file in one process (each in a
-  budgeted child, no torch) -> ``manifests/<rel>.yaml`` and ``plan.tsv``, the files to convert.
-- :func:`run_conversion`: one small file -> ``converted/<rel>.pt`` (only if the check passes)
-  and ``checks/<rel>.yaml`` (always: a failed check is a record, not a failed job).
+  budgeted child, no torch) -> ``manifests/<rel>.yaml`` and ``plan.tsv``: the files to convert,
+  in batches (an unchanged file keeps its batch, so its finished conversion stands).
+- :func:`run_batch`: one conversion job, every small file of a batch in one process ->
+  ``converted/<rel>.pt`` (only if the check passes) and ``staged/<rel>.yaml`` (always: a failed
+  check is a record, not a failed job), each written as its file is done.
 - :func:`write_report`: plan + manifests + check records -> ``report.csv``;
   :func:`report_after_failure` the same after a failed job; :func:`summarize` the
   end-of-run summary; :func:`check_gate` the non-zero exit after a failed check;
@@ -121,6 +123,7 @@ class OutputLayout:
     def __init__(self, root: str):
         self.root = root
         self.report = f"{root}/report.csv"
+        self.report_index = f"{root}/.report_index.json"  # the rows of report.csv and what each was read from
         self.plan = f"{root}/plan.tsv"
         self.plan_log = f"{root}/logs/plan.log"  # detection of every file happens in the plan job
         self.manifest_index = f"{root}/manifests/.index.json"  # the plan's record of what each manifest describes
@@ -259,7 +262,7 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
     A manifest is reused when its file's size and mtime, the detector and the overrides are
     unchanged, so a rerun detects only what is new or changed. Each small file is put in a
     conversion batch: the one it was in if the file is unchanged (so its finished conversion
-    stands), else a new batch of up to ``conversions_per_job`` new or changed files.
+    stands), else a new batch of up to ``conversions_per_job`` new, changed or unrecorded files.
     Returns the keys to convert."""
     import time
 
@@ -287,8 +290,10 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
             identity["manifest_ns"] = _mtime_ns(manifest_path)
         new_index[key] = {**identity, "status": status}
         if status == "to_convert":
+            # A file keeps its batch while it is unchanged and its record is there; one whose
+            # record was deleted (to retry it) or never written gets a new batch.
             same_file = all(entry.get(k) == identity[k] for k in ("size", "mtime"))
-            if same_file and entry.get("batch"):
+            if same_file and entry.get("batch") and os.path.exists(layout.check(key)):
                 new_index[key]["batch"] = entry["batch"]
             else:
                 unbatched.append(key)
@@ -412,7 +417,7 @@ def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any
     Python, torch and (on a GPU) CUDA start once for the batch. Each file's record and log are
     written the moment that file is done (``staged/``), so a job killed part way keeps what it
     finished and the report names the file it was on; a file that fails is a record, not a
-    failed job. A file whose record from an earlier run still stands is not converted again."""
+    failed job. A file whose conversion from an earlier run still stands is not converted again."""
     import gc
     import time
 
@@ -427,7 +432,7 @@ def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any
         staged, converted = layout.staged(key), layout.converted(key)
         started, started_at = time.perf_counter(), time.time()
         record = current_record(staged, src, converted, check_settings, overrides)
-        if record is not None:
+        if record is not None and record.get("status") == "converted":  # a failure is tried again
             log.info("%s: its record from an earlier run stands (%s)", display_path(src), record.get("status"))
             summary["files"].append({"key": key, "status": record.get("status"), "reused": True,
                                      "started": round(started_at, 3), "seconds": 0.0})
@@ -516,15 +521,42 @@ def report_row(manifest: dict, check: dict | None) -> dict:
 
 
 def write_report(layout: OutputLayout) -> list[dict]:
-    """``report.csv``: one row per checkpoint in the plan, from its manifest and, for small files, its check record."""
+    """``report.csv``: one row per checkpoint in the plan, from its manifest and, for small files, its check record.
+
+    A row whose manifest and check record are the very files (same mtime and size) it was made
+    from last time is taken from the report's own index instead of reading them again: with
+    10,000 files, reading every manifest is most of a rerun's time."""
+    with open(__file__, "rb") as f:  # rows made by other report code are made again
+        version = hashlib.sha256(f.read()).hexdigest()[:16]
+    index = _read_index(layout.report_index)
+    index = index.get("rows", {}) if index.get("version") == version else {}
+    new_index: dict[str, dict] = {}
     rows = []
     for key, status in read_plan(layout.plan):
-        manifest = read_yaml(layout.manifest(key))
-        check = read_yaml(layout.check(key)) if status == "to_convert" and os.path.exists(layout.check(key)) else None
-        rows.append(report_row(manifest, check))
+        manifest_path, check_path = layout.manifest(key), layout.check(key)
+        stamp = [_stamp(manifest_path), _stamp(check_path) if status == "to_convert" else None]
+        entry = index.get(key)
+        if entry is not None and entry.get("stamp") == stamp and stamp[0] is not None:
+            row = entry["row"]
+        else:
+            manifest = read_yaml(manifest_path)
+            check = read_yaml(check_path) if stamp[1] is not None else None
+            row = report_row(manifest, check)
+        new_index[key] = {"stamp": stamp, "row": row}
+        rows.append(row)
     rows.sort(key=lambda r: r["relative_path"])
     _write_rows(rows, layout.report)
+    atomic_write_text(layout.report_index, json.dumps({"version": version, "rows": new_index}))
     return rows
+
+
+def _stamp(path: str) -> list[int] | None:
+    """A file's (mtime in ns, size), to tell whether it changed; None if it is missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_mtime_ns, st.st_size]
 
 
 def _write_rows(rows: list[dict], report_path: str) -> None:
