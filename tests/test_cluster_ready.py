@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 
 from ckpt_migrate import synthetic
 from ckpt_migrate.check import CheckSettings
@@ -17,6 +18,8 @@ from ckpt_migrate.pipeline import read_report, read_yaml
 
 from .conftest import VOCAB
 from .pipeline_helpers import REPO, SNAKEMAKE, job_counts
+
+pytestmark = pytest.mark.e2e  # runs Snakemake or SLURM as programs: `pytest -m "not e2e"` leaves it out
 
 
 def _small(path, eot_token=50256, with_code=True) -> str:

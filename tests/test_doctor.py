@@ -16,6 +16,8 @@ from ckpt_migrate import synthetic
 from .conftest import VOCAB
 from .pipeline_helpers import REPO
 
+pytestmark = pytest.mark.e2e  # runs Snakemake or SLURM as programs: `pytest -m "not e2e"` leaves it out
+
 
 @pytest.fixture(scope="module")
 def folders():

@@ -17,6 +17,8 @@ from ckpt_migrate.pipeline import read_report
 from .conftest import VOCAB
 from .pipeline_helpers import REPO, SNAKEMAKE, job_counts, make_read_only, make_writable, snakemake, tree_state
 
+pytestmark = pytest.mark.e2e  # runs Snakemake or SLURM as programs: `pytest -m "not e2e"` leaves it out
+
 
 
 def _small(path, variant="v2", seed=0, step=100, **kw):

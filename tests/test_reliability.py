@@ -341,6 +341,7 @@ def catalogue_run(tmp_path_factory):
     return proc, rows, before, after, out
 
 
+@pytest.mark.e2e
 def test_the_run_ends_with_a_full_report_and_a_non_zero_exit(catalogue_run):
     proc, rows, _, _, out = catalogue_run
     failed = [c[0] for c in CATALOGUE if c[2] == "failed"]
@@ -349,6 +350,7 @@ def test_the_run_ends_with_a_full_report_and_a_non_zero_exit(catalogue_run):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("index", range(len(CATALOGUE)), ids=[c[0] for c in CATALOGUE])
 def test_every_case_is_a_named_row(catalogue_run, index):
     proc, rows, _, _, _ = catalogue_run
@@ -358,6 +360,7 @@ def test_every_case_is_a_named_row(catalogue_run, index):
     assert words in row["reason"] and "\n" not in row["reason"] and len(row["reason"]) <= 300, row["reason"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ODD_NAMES, ids=range(len(ODD_NAMES)))
 def test_odd_file_names_are_converted(catalogue_run, name):
     rows = catalogue_run[1]
@@ -366,6 +369,7 @@ def test_odd_file_names_are_converted(catalogue_run, name):
     assert os.path.exists(row["converted_path"])  # under its %-escaped key
 
 
+@pytest.mark.e2e
 def test_catalogue_totals(catalogue_run):
     proc, rows, before, after, out = catalogue_run
     tried = len(CATALOGUE) + len(ODD_NAMES) + 1  # + the symlinked run directory
@@ -472,6 +476,7 @@ def test_source_replaced_while_being_converted(tmp_path, monkeypatch):
     assert not os.path.exists(dst)
 
 
+@pytest.mark.e2e
 def test_second_snakemake_on_the_same_outputs_is_refused(tmp_path):
     root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
     for i in range(2):
@@ -490,6 +495,7 @@ def test_second_snakemake_on_the_same_outputs_is_refused(tmp_path):
     assert sorted(r["status"] for r in read_report(str(out / "report.csv"))) == ["converted", "converted"]
 
 
+@pytest.mark.e2e
 def test_verify_outputs_names_changed_and_missing_files(catalogue_run, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(catalogue_run[4], out)
@@ -513,6 +519,7 @@ def test_verify_outputs_names_changed_and_missing_files(catalogue_run, tmp_path)
     assert recheck.returncode == 0 and f"{n} converted file(s) match" in recheck.stdout, recheck.stdout + recheck.stderr
 
 
+@pytest.mark.e2e
 def test_killed_conversion_still_gets_a_report_and_a_rerun_finishes_it(tmp_path):
     """A conversion job killed from outside (the OOM killer, a node going down) part way through
     its batch ends the run with a full report: the file it had finished keeps its record, the
@@ -556,6 +563,7 @@ def test_killed_conversion_still_gets_a_report_and_a_rerun_finishes_it(tmp_path)
     assert sorted(r["status"] for r in read_report(str(out / "report.csv"))) == ["converted"] * 3
 
 
+@pytest.mark.e2e
 def test_a_failing_file_in_a_batch_leaves_the_others_converted(tmp_path):
     """One conversion job, three files, the middle one with a NaN weight: its check fails and
     is a row; the files before and after it are converted by the same process."""

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 
+import pytest
 import torch
 
 from ckpt_migrate import synthetic
@@ -39,6 +40,7 @@ def _tree(root):
     (root / "tam_mal_owt_run_2/best_state_100.pt").write_bytes(b"PK\x03\x04 cut short")
 
 
+@pytest.mark.e2e
 def test_html_report_holds_table_figures_and_every_reason(tmp_path):
     root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
     _tree(root)

@@ -13,6 +13,7 @@ import threading
 import time
 import zipfile
 
+import pytest
 import yaml
 
 from ckpt_migrate import synthetic
@@ -20,6 +21,8 @@ from ckpt_migrate.pipeline import read_report
 
 from .conftest import VOCAB
 from .pipeline_helpers import REPO, SNAKEMAKE, job_counts, snakemake
+
+pytestmark = pytest.mark.e2e  # runs Snakemake or SLURM as programs: `pytest -m "not e2e"` leaves it out
 
 PROFILE_ARGS = ["--profile", "profiles/slurm", "--workflow-profile", "tests/slurm_profile"]
 COMPARED = ("relative_path", "status", "format", "variant", "reason", "step", "params", "max_abs_logit_diff",

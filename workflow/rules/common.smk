@@ -17,7 +17,6 @@ from ckpt_migrate.pipeline import (
     summarize,
 )
 
-
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 
 INPUT_ROOT = os.path.abspath(os.path.expanduser(config["input_root"]))
@@ -35,7 +34,11 @@ if os.path.commonpath([_out, INPUT_ROOT]) == INPUT_ROOT:
     )
 LAYOUT = OutputLayout(OUT)
 # The logit-check settings (check_batch, check_length, ...) as ckpt_migrate.check.CheckSettings takes them.
-CHECK_SETTINGS = {key[len("check_"):]: value for key, value in config.items() if key.startswith("check_")}
+CHECK_SETTINGS = {
+    key[len("check_") :]: value
+    for key, value in config.items()
+    if key.startswith("check_")
+}
 # Rerun triggers: every conversion (detection) is redone when the code that decides it changes.
 CONVERTER_FINGERPRINT = converter_fingerprint()
 DETECTOR_FINGERPRINT = detector_fingerprint()
@@ -47,7 +50,9 @@ OVERRIDES = {key: config[key] for key in ("eot_token", "num_iterations")}
 # reported as unreadable rather than silently skipped.
 SOURCES = checkpoint_sources(INPUT_ROOT, config["glob"])
 CHECKPOINTS = sorted(SOURCES)
-RELATIVE_PATHS = {key: os.path.relpath(path, INPUT_ROOT) for key, path in SOURCES.items()}
+RELATIVE_PATHS = {
+    key: os.path.relpath(path, INPUT_ROOT) for key, path in SOURCES.items()
+}
 
 
 def _as_input(path):
@@ -65,7 +70,9 @@ def detect_inputs():
     """Every match that is a file Snakemake can carry as an input, so that a new or replaced
     checkpoint (newer mtime) reruns the plan. Other matches (folders, FIFOs, broken links, odd
     names) are in the plan's params: a change in the list of matches reruns it too."""
-    return [p for path in SOURCES.values() if os.path.isfile(path) for p in _as_input(path)]
+    return [
+        p for path in SOURCES.values() if os.path.isfile(path) for p in _as_input(path)
+    ]
 
 
 def check_path(ckpt):
@@ -78,8 +85,13 @@ def _plan_batches():
     stamp = (plan, os.stat(plan).st_mtime_ns)
     if _BATCHES.get("stamp") != stamp:
         batches = read_batches(plan)
-        _BATCHES.update(stamp=stamp, batches=batches,
-                        batch_of={key: batch for batch, members in batches.items() for key in members})
+        _BATCHES.update(
+            stamp=stamp,
+            batches=batches,
+            batch_of={
+                key: batch for batch, members in batches.items() for key in members
+            },
+        )
     return _BATCHES
 
 
@@ -101,7 +113,9 @@ def report_inputs(wildcards):
     plan = checkpoints.plan.get().output.plan
     return {
         "plan": plan,
-        "checks": [check_path(key) for key, status in read_plan(plan) if status == "to_convert"],
+        "checks": [
+            check_path(key) for key, status in read_plan(plan) if status == "to_convert"
+        ],
     }
 
 
@@ -110,7 +124,15 @@ def report_gate_flag():
 
 
 def report_figures():
-    return [f"{OUT}/figures/{name}" for name in ("logit_check.png", "status_by_lang_pair.png", "report_table.html", "needs_attention.html")]
+    return [
+        f"{OUT}/figures/{name}"
+        for name in (
+            "logit_check.png",
+            "status_by_lang_pair.png",
+            "report_table.html",
+            "needs_attention.html",
+        )
+    ]
 
 
 def report_after_error():
@@ -120,7 +142,9 @@ def report_after_error():
         from ckpt_migrate.plots import write_report_figures
 
         write_report_figures(LAYOUT.report, *report_figures())
-    except Exception as exc:  # the run is failing already; say why the report is missing too
+    except (
+        Exception
+    ) as exc:  # the run is failing already; say why the report is missing too
         print(f"ckpt-migrate: could not write the report after the failure: {exc}")
     print_summary()
 

@@ -12,23 +12,23 @@ rule convert_batch:
         plan=ancient(LAYOUT.plan),
     output:
         summary=LAYOUT.batch("{batch}"),
-    params:
-        check=CHECK_SETTINGS,
-        overrides=OVERRIDES,
-        # rerun-triggers track params, not imported library code: a changed converter reruns.
-        converter=CONVERTER_FINGERPRINT,
+    log:
+        LAYOUT.batch_log("{batch}"),
+    benchmark:
+        f"{OUT}/benchmarks/convert_batch/{{batch}}.tsv"
+    conda:
+        "../envs/ckpt_migrate.yaml"
+    threads: 4
     resources:
         gpu=1,
         mem_mb=16000,
         # The profile's runtime for convert_batch, if set, wins over this (Snakemake's precedence).
         runtime=batch_runtime,
-    threads: 4
-    conda:
-        "../envs/ckpt_migrate.yaml"
-    log:
-        LAYOUT.batch_log("{batch}"),
-    benchmark:
-        f"{OUT}/benchmarks/convert_batch/{{batch}}.tsv"
+    params:
+        check=CHECK_SETTINGS,
+        overrides=OVERRIDES,
+        # rerun-triggers track params, not imported library code: a changed converter reruns.
+        converter=CONVERTER_FINGERPRINT,
     script:
         "../scripts/convert.py"
 
@@ -42,15 +42,15 @@ rule convert:
         batch=batch_summary,
     output:
         check=LAYOUT.check("{ckpt}"),
-    params:
-        staged=lambda wildcards: LAYOUT.staged(wildcards.ckpt),
-        staged_log=lambda wildcards: LAYOUT.staged_log(wildcards.ckpt),
-        converter=CONVERTER_FINGERPRINT,
-    conda:
-        "../envs/ckpt_migrate.yaml"
     log:
         LAYOUT.log("convert", "{ckpt}"),
     benchmark:
         f"{OUT}/benchmarks/convert/{{ckpt}}.tsv"
+    conda:
+        "../envs/ckpt_migrate.yaml"
+    params:
+        staged=lambda wildcards: LAYOUT.staged(wildcards.ckpt),
+        staged_log=lambda wildcards: LAYOUT.staged_log(wildcards.ckpt),
+        converter=CONVERTER_FINGERPRINT,
     shell:
         "cp {params.staged_log:q} {log:q} && cp {params.staged:q} {output.check:q}"

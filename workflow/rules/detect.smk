@@ -13,6 +13,12 @@ checkpoint plan:
         sources=detect_inputs(),
     output:
         plan=LAYOUT.plan,
+    log:
+        LAYOUT.plan_log,
+    benchmark:
+        f"{OUT}/benchmarks/plan.tsv"
+    conda:
+        "../envs/ckpt_migrate.yaml"
     params:
         sources=SOURCES,
         relative=RELATIVE_PATHS,
@@ -21,11 +27,5 @@ checkpoint plan:
         overrides=OVERRIDES,
         conversions_per_job=config["conversions_per_job"],
         detector=DETECTOR_FINGERPRINT,
-    conda:
-        "../envs/ckpt_migrate.yaml"
-    log:
-        LAYOUT.plan_log,
-    benchmark:
-        f"{OUT}/benchmarks/plan.tsv"
     script:
         "../scripts/plan.py"

@@ -13,14 +13,14 @@ rule report:
         unpack(report_inputs),
     output:
         csv=LAYOUT.report,
-    params:
-        checkpoints=CHECKPOINTS,
-    conda:
-        "../envs/ckpt_migrate.yaml"
     log:
         f"{OUT}/logs/report.log",
     benchmark:
         f"{OUT}/benchmarks/report.tsv"
+    conda:
+        "../envs/ckpt_migrate.yaml"
+    params:
+        checkpoints=CHECKPOINTS,
     script:
         "../scripts/report.py"
 
@@ -30,14 +30,14 @@ rule gate:
         csv=rules.report.output.csv,
     output:
         flag=report_gate_flag(),
-    params:
-        allow_check_failures=config["allow_check_failures"],
-    conda:
-        "../envs/ckpt_migrate.yaml"
     log:
         f"{OUT}/logs/gate.log",
     benchmark:
         f"{OUT}/benchmarks/gate.tsv"
+    conda:
+        "../envs/ckpt_migrate.yaml"
+    params:
+        allow_check_failures=config["allow_check_failures"],
     script:
         "../scripts/gate.py"
 
@@ -68,11 +68,11 @@ rule figures:
             category="Report",
             labels={"table": "files that need a person"},
         ),
-    conda:
-        "../envs/ckpt_migrate.yaml"
     log:
         f"{OUT}/logs/figures.log",
     benchmark:
         f"{OUT}/benchmarks/figures.tsv"
+    conda:
+        "../envs/ckpt_migrate.yaml"
     script:
         "../scripts/figures.py"
