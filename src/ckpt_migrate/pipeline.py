@@ -418,7 +418,6 @@ def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any
     written the moment that file is done (``staged/``), so a job killed part way keeps what it
     finished and the report names the file it was on; a file that fails is a record, not a
     failed job. A file whose conversion from an earlier run still stands is not converted again."""
-    import gc
     import time
 
     from .check import return_freed_memory
@@ -448,7 +447,8 @@ def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any
             handler.close()
         summary["files"].append({"key": key, "status": record["status"], "reused": False,
                                  "started": round(started_at, 3), "seconds": round(time.perf_counter() - started, 3)})
-        gc.collect()  # the next file must not find this one's tensors still held
+        # Its tensors went with its last reference (no cycles hold them: a gc.collect() per file
+        # cost 0.15 s and freed nothing); the heap they leave is handed back before the next.
         return_freed_memory()
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     write_yaml(summary_path, summary)
