@@ -101,6 +101,9 @@ def test_negative_control_wrong_mapping_fails_the_check(small_v2_path):
         swapped[f"blocks.{i}.attn.qkvo_w"] = w
     result = logit_check(reference_model(record, small), build_model(GPTBatched, cfg, swapped), cfg.vocab_size, SETTINGS)
     assert not result["check_passed"] and result["max_abs_logit_diff"] > 1e-2
+    from ckpt_migrate.metrics import CHECK_FIELDS
+
+    assert all(isinstance(result[key], (int, float, str)) for key in CHECK_FIELDS)  # what the report shows
 
 
 def test_nan_weights_fail_the_check_and_publish_nothing(tmp_path):

@@ -142,8 +142,20 @@ def test_softcaps_bound_the_logits():
             out = model(_tokens(128, None))
         assert out.dtype == torch.float32 and out.shape == (2, 128, 1024)
         assert out.abs().max().item() <= bound
-        if family == "small":
-            assert out.min().item() >= 0.0  # 30·sigmoid is positive
+
+
+def test_softcaps_take_known_values():
+    """30·sigmoid(z / (7.5·sqrt(D))) for small, 15·z / sqrt(z² + 225) for medium, at points
+    where the formulas give round numbers (D = 64: 7.5·sqrt(D) = 60)."""
+    import math
+
+    from ckpt_migrate.families import MEDIUM, SMALL
+    from ckpt_migrate.models import softcap
+
+    z = torch.tensor([0.0, 60 * math.log(3), -60 * math.log(3)])
+    assert torch.allclose(softcap(z, SMALL, 64), torch.tensor([15.0, 22.5, 7.5]))
+    z = torch.tensor([0.0, 20.0, -20.0, 1e6])
+    assert torch.allclose(softcap(z, MEDIUM, 64), torch.tensor([0.0, 12.0, -12.0, 15.0]))
 
 
 def test_input_must_be_two_dimensional():

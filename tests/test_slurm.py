@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from ckpt_migrate import synthetic
+from ckpt_migrate.metrics import CHECK_FIELDS
 from ckpt_migrate.pipeline import read_report
 
 from .conftest import VOCAB
@@ -25,9 +26,8 @@ from .pipeline_helpers import REPO, SNAKEMAKE, job_counts, snakemake
 pytestmark = pytest.mark.e2e  # runs Snakemake or SLURM as programs: `pytest -m "not e2e"` leaves it out
 
 PROFILE_ARGS = ["--profile", "profiles/slurm", "--workflow-profile", "tests/slurm_profile"]
-COMPARED = ("relative_path", "status", "format", "variant", "reason", "step", "params", "max_abs_logit_diff",
-            "mean_abs_logit_diff", "top1_agreement", "kl", "loss_ref", "loss_converted", "check_passed",
-            "check_device", "check_dtype", "converted_sha256")
+COMPARED = ("relative_path", "status", "format", "variant", "reason", "step", "params", *CHECK_FIELDS,
+            "converted_sha256")
 
 
 def slurm_snakemake(env: dict, input_root, output_root, *extra, check_length=512, background=False):

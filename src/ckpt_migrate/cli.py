@@ -12,8 +12,9 @@ import logging
 import os
 import sys
 
-from .detect import FORMAT_LABELS
+from .detect import CONVERTED_FORMAT, FORMAT_LABELS
 from .isolate import DEFAULT_MEMORY_MB, DEFAULT_SECONDS, detect_isolated
+from .metrics import CHECK_FIELDS
 
 SHOWN_FIELDS = ("variant", "reason", "num_layers", "num_heads", "head_dim", "model_dim", "mlp_dim",
                 "vocab_size", "padded_vocab", "layers_without_attention", "num_value_embeds", "params",
@@ -26,8 +27,8 @@ def format_label(record: dict) -> str:
     fmt = record["format"]
     if fmt in FORMAT_LABELS:
         return FORMAT_LABELS[fmt]
-    if fmt == "gptbatched":
-        return f"gptbatched (converted from {FORMAT_LABELS.get(record.get('converted_from'), '?')})"
+    if fmt == CONVERTED_FORMAT:
+        return f"{CONVERTED_FORMAT} (converted from {FORMAT_LABELS.get(record.get('converted_from'), '?')})"
     return fmt
 
 
@@ -53,7 +54,7 @@ def cmd_inspect(args) -> int:
         print(json.dumps(records if len(records) > 1 else records[0], indent=2, default=str))
     else:
         print("\n\n".join(_inspect_text(r) for r in records))
-    return 0 if all(r["format"] in ("small", "medium", "gptbatched") for r in records) else 1
+    return 0 if all(r["format"] in (*FORMAT_LABELS, CONVERTED_FORMAT) for r in records) else 1
 
 
 def _settings(args):
@@ -75,9 +76,7 @@ def _add_override_options(p: argparse.ArgumentParser) -> None:
 
 
 def _print_check(result: dict) -> None:
-    keys = ("status", "reason", "max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement", "kl",
-            "loss_ref", "loss_converted", "check_passed", "check_device", "check_dtype", "sha256")
-    for key in keys:
+    for key in ("status", "reason", *CHECK_FIELDS, "sha256"):
         if key in result and result[key] not in ("", None):
             print(f"  {key:<20} {result[key]}")
 

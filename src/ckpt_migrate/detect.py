@@ -32,10 +32,7 @@ STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
 CONVERTED_FORMAT = "gptbatched"  # the "format" marker of files this tool writes
 PREFIXES = ("_orig_mod.", "module.")
 OPTIMIZER_KEYS = ("optimizers", "optimizer", "optimizer_state_dict")
-FORMAT_LABELS = {
-    "small": "small (from train_gpt_small.py)",
-    "medium": "medium (from train_gpt_medium.py)",
-}
+FORMAT_LABELS = {name: family.label for name, family in FAMILIES.items()}
 _STEP_IN_NAME = re.compile(r"(?:best_state|state_step|step)_?(\d+)")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d{1,6})\.")  # bounded: a huge index is just an unexpected key
 MAX_LAYERS = 1024  # beyond this a block index is damage, not a model (and would cost a loop that long)

@@ -37,6 +37,11 @@ class Family:
     skip_map: dict[int, int] | None  # medium: layer -> earlier layer whose output is added
     softcap: str  # "sigmoid30" (small) or "rsqrt15" (medium)
 
+    @property
+    def label(self) -> str:
+        """How reports and the CLI name the format: ``small (from train_gpt_small.py)``."""
+        return f"{self.name} (from {self.script})"
+
 
 SMALL = Family("small", "train_gpt_small.py", 12, (0, 4, 7, 11), 14, True, False, None, "sigmoid30")
 MEDIUM = Family("medium", "train_gpt_medium.py", 16, (0, 4, 11, 15), 27, False, True,

@@ -20,7 +20,7 @@ from .check import CheckSettings, logit_check, prepare_dtype, return_freed_memor
 from .convert import ConversionError, convert_state_dict
 from .detect import (CONVERTED_FORMAT, config_from_record, converted_config, find_state_dict,
                      record_from_inspection, strip_prefixes)
-from .families import GPTBatchedConfig
+from .families import FAMILIES, GPTBatchedConfig
 from .fingerprint import converter_fingerprint
 from .loader import Checkpoint, CheckpointError, open_checkpoint
 from .models import GPTBatched, GPTFlexAttention
@@ -277,7 +277,7 @@ def load_pretrained_checkpoint(path: str, device: str = "cpu", dtype: torch.dtyp
         "config": cfg.to_dict(),
         "path": os.path.abspath(path),
         "converted_file": record["format"] == CONVERTED_FORMAT,
-        "label": f"{fmt} (from train_gpt_{fmt}.py)",
+        "label": FAMILIES[fmt].label,
     }
     log.info("Format: %s", info["label"])
     return model, info, checkpoint.materialize(checkpoint.inspection.obj)

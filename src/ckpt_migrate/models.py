@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .families import HEAD_DIM, WINDOW_BLOCK, GPTBatchedConfig
+from .families import HEAD_DIM, WINDOW_BLOCK, Family, GPTBatchedConfig
 
 ATTN_SCALE = 0.12  # both scripts replace head_dim ** -0.5 by this constant
 
@@ -103,11 +103,13 @@ def attend(q, k, v, mask) -> torch.Tensor:
                                          scale=ATTN_SCALE) for h in range(q.shape[1])], dim=1)
 
 
-def softcap(z: torch.Tensor, family: str, model_dim: int) -> torch.Tensor:
-    """The family's logit soft-cap, applied to fp32 logits."""
-    if family == "small":
+def softcap(z: torch.Tensor, family: Family, model_dim: int) -> torch.Tensor:
+    """The family's logit soft-cap (``Family.softcap``), applied to fp32 logits."""
+    if family.softcap == "sigmoid30":
         return 30 * torch.sigmoid(z / (7.5 * model_dim**0.5))
-    return 15 * z * torch.rsqrt(z.square() + 225)
+    if family.softcap == "rsqrt15":
+        return 15 * z * torch.rsqrt(z.square() + 225)
+    raise ValueError(f"unknown soft-cap {family.softcap!r} of family {family.name!r}")
 
 
 def _uniform(*shape: int, device=None) -> nn.Parameter:
@@ -260,7 +262,7 @@ class _GPT(nn.Module):
         """Final-normed hidden states [..., D] -> fp32 soft-capped logits [..., padded_vocab]; row by
         row, so a check can take them a few rows at a time instead of materializing [B, T, V]."""
         z = F.linear(hidden, self.head_weight().to(hidden.dtype)).float()  # (..., padded_vocab)
-        return softcap(z, self.cfg.family, self.cfg.model_dim)
+        return softcap(z, self.cfg.fam, self.cfg.model_dim)
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, T] token ids -> final-normed hidden states [B, T, D] (everything but the head)."""

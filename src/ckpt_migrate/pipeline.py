@@ -31,6 +31,7 @@ import yaml
 from . import __version__
 from .atomic import atomic_write_text, sha256_file
 from .isolate import DEFAULT_MEMORY_MB, DEFAULT_SECONDS, detect_isolated, display_path
+from .metrics import CHECK_FIELDS
 from .safe_pickle import one_line
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,7 @@ def batch_minutes(files: int) -> int:
 REPORT_COLUMNS = (
     "path", "relative_path", "lang_pair", "run", "step", "format", "variant", "reason", "num_layers",
     "model_dim", "num_heads", "vocab_size", "padded_vocab", "params", "size_bytes", "mtime", "status",
-    "converted_path", "converted_sha256", "max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement",
-    "kl", "loss_ref", "loss_converted", "check_passed", "tolerance", "check_device", "check_dtype", "direct_load_ok",
+    "converted_path", "converted_sha256", *CHECK_FIELDS, "direct_load_ok",
     "long_window_blocks", "window_source", "eot_token", "eot_token_source", "num_iterations", "num_iterations_source",
     "notes", "pickle_objects", "realpath",
 )
@@ -510,8 +510,7 @@ def report_row(manifest: dict, check: dict | None) -> dict:
         else:
             status = check.get("status", "failed")
             row["reason"] = check.get("reason", "")
-            for key in ("max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement", "kl", "loss_ref",
-                        "loss_converted", "check_passed", "tolerance", "check_device", "check_dtype"):
+            for key in CHECK_FIELDS:
                 row[key] = check.get(key, "")
             if status == "converted":
                 row["converted_path"] = check.get("converted_path", "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from .atomic import atomic_open, atomic_write_text
+from .metrics import CHECK_FIELDS, LOGIT_METRICS
 from .pipeline import NEEDS_A_PERSON, read_report
 
 STATUS_COLORS = {"converted": "#2b8a3e", "not_needed": "#74c0fc", "failed": "#e03131", "unknown": "#f59f00",
@@ -146,11 +147,9 @@ def html_table(rows: list[dict], columns: list[str], title: str, path: str) -> N
     atomic_write_text(path, page)
 
 
-_METRICS = {"max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement", "kl", "loss_ref", "loss_converted",
-            "tolerance"}
+_METRICS = {*LOGIT_METRICS, "tolerance"}  # shown with 4 significant digits
 TABLE_COLUMNS = ["status", "relative_path", "lang_pair", "run", "step", "format", "variant", "reason",
-                 "max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement", "kl", "loss_ref", "loss_converted",
-                 "check_passed", "tolerance", "check_device", "check_dtype", "num_layers", "model_dim", "num_heads",
+                 *CHECK_FIELDS, "num_layers", "model_dim", "num_heads",
                  "vocab_size", "padded_vocab", "params", "size_bytes", "converted_path"]
 
 
