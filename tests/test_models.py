@@ -178,3 +178,16 @@ def test_cpu_flex_attention_one_head_at_a_time_gives_the_same_numbers(monkeypatc
     split = models.attend(q, k, v, mask)
     assert split.shape == whole.shape == (2, 4, 384, 32)
     assert torch.equal(split, whole)
+
+
+def test_scalar_layout_slots():
+    """[skips | residual pairs | value pairs], 5L long, with upstream's initial values."""
+    from ckpt_migrate.families import ScalarLayout
+
+    layout = ScalarLayout(4)
+    values = layout.initial()
+    assert layout.size == len(values) == 20
+    assert values[layout.skips] == [1.0] * 4
+    assert values[layout.residual_pair(2)] == [1.0, 0.0] and layout.residual_pair(2) == slice(8, 10)
+    assert values[layout.value_pair(3)] == [0.5, 0.5] and layout.value_pair(3) == slice(18, 20)
+    assert (layout.residual_pairs, layout.value_pairs) == (slice(4, 12), slice(12, 20))

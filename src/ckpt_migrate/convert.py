@@ -13,13 +13,16 @@ import re
 
 import torch
 
-from .families import GPTBatchedConfig, gptbatched_expected_shapes
+from .families import GPTBatchedConfig, ScalarLayout, gptbatched_expected_shapes
 
 log = logging.getLogger(__name__)
 
 # (small key pattern, GPTBatched key template, how the tensor lands there).
 # "whole": the tensor is the target; "qkvo[0:3]"/"qkvo[3]": slots of the stacked attention
-# weight; "scalars[...]": a slice of the packed [5L] scalars vector (see _scalar_slice).
+# weight; "scalars[...]": a slice of the packed [5L] scalars (families.ScalarLayout).
+# No slot is transposed: GPTBatched applies qkvo_w[3] with F.linear, as small applies
+# c_proj.weight ([D, hdim], out x in), so the same matrix goes in as stored; stacking it with
+# the [hdim, D] q/k/v slots needs hdim == D, which convert_state_dict checks first.
 KEY_MAP: list[tuple[str, str, str]] = [
     (r"embed\.weight", "embed.weight", "whole"),
     (r"value_embeds\.(\d+)\.weight", r"value_embeds.\1.weight", "whole"),
@@ -44,17 +47,15 @@ class UnmappedKeyError(ConversionError):
     pass
 
 
-def _scalar_slice(how: str, layer: int | None, num_layers: int, src_len: int) -> tuple[slice, slice]:
-    """(source slice, target slice) of the packed scalars: [0, L) skips, [L, 3L) block pairs,
-    [3L, 5L) attention pairs."""
-    L = num_layers
+def _scalar_slice(how: str, layer: int | None, layout: ScalarLayout, src_len: int) -> tuple[slice, slice]:
+    """(source slice, target slice) of a small scalar tensor in GPTBatched's packed scalars."""
     if how == "scalars[skip]":
-        return slice(0, src_len), slice(0, src_len)
+        return slice(0, src_len), slice(0, src_len)  # small's L/2 skips, first in the skip slots
     if how == "scalars[block]":
-        return slice(0, 2), slice(L + 2 * layer, L + 2 * layer + 2)
+        return slice(0, 2), layout.residual_pair(layer)
     if how == "scalars[attn]":
-        return slice(0, 2), slice(3 * L + 2 * layer, 3 * L + 2 * layer + 2)
-    return slice(0, 5 * L), slice(0, 5 * L)  # packed
+        return slice(0, 2), layout.value_pair(layer)
+    return slice(0, layout.size), slice(0, layout.size)  # v2: packed the same way, padding dropped
 
 
 def _expect_shape(key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -69,7 +70,7 @@ def convert_state_dict(small: dict[str, torch.Tensor], cfg: GPTBatchedConfig) ->
         raise ConversionError(f"hdim {hdim} != model_dim {cfg.model_dim}: c_proj.weight [D, hdim] "
                               f"cannot be stacked as slot 3 of qkvo_w [4, hdim, D]")
     expected = gptbatched_expected_shapes(cfg)
-    L = cfg.num_layers
+    L, layout = cfg.num_layers, ScalarLayout(cfg.num_layers)
     # Group source tensors by target so each target is allocated once in its promoted dtype.
     plan: dict[str, list[tuple[str, str, int | None, torch.Tensor]]] = {}
     for key, tensor in small.items():
@@ -102,9 +103,8 @@ def convert_state_dict(small: dict[str, torch.Tensor], cfg: GPTBatchedConfig) ->
         for _, _, _, tensor in sources[1:]:
             dtype = torch.promote_types(dtype, tensor.dtype)
         if target == "scalars":
-            # Slots that the small family never reads get medium's initial values.
-            result = torch.cat([torch.ones(L), torch.tensor([1.0, 0.0]).repeat(L),
-                                torch.tensor([0.5, 0.5]).repeat(L)]).to(dtype)
+            # Slots that the small family never reads keep upstream's initial values.
+            result = torch.tensor(layout.initial(), dtype=dtype)
         else:
             result = torch.empty(shape, dtype=dtype)
         filled = set()
@@ -122,9 +122,9 @@ def convert_state_dict(small: dict[str, torch.Tensor], cfg: GPTBatchedConfig) ->
                     raise ConversionError(f"{key}: expected a vector, got shape {list(tensor.shape)}")
                 if how == "scalars[skip]" and tensor.numel() != L // 2:
                     raise ConversionError(f"{key}: {tensor.numel()} skip weights, expected {L // 2}")
-                if how == "scalars[packed]" and tensor.numel() < 5 * L:
-                    raise ConversionError(f"{key}: {tensor.numel()} scalars, expected at least {5 * L}")
-                src, dst = _scalar_slice(how, layer, L, tensor.numel())
+                if how == "scalars[packed]" and tensor.numel() < layout.size:
+                    raise ConversionError(f"{key}: {tensor.numel()} scalars, expected at least {layout.size}")
+                src, dst = _scalar_slice(how, layer, layout, tensor.numel())
                 _expect_shape(key, tensor[src], result[dst].shape)
                 result[dst] = tensor[src].to(dtype)
                 filled.add(how)

@@ -133,6 +133,49 @@ class GPTBatchedConfig:
         return None
 
 
+@dataclass(frozen=True)
+class ScalarLayout:
+    """GPTBatched's packed ``scalars`` [5L]: L U-net skip weights, then per layer the residual pair
+    (λ·x + λ0·x0), then per layer the value pair (λ·v + λve·ve). Medium trains all of them; small
+    trains only L/2 skip weights and stores the pairs per block (v1) or packs them the same way (v2)."""
+
+    num_layers: int
+
+    @property
+    def size(self) -> int:
+        return 5 * self.num_layers
+
+    @property
+    def skips(self) -> slice:
+        return slice(0, self.num_layers)
+
+    @property
+    def residual_pairs(self) -> slice:  # view(-1, 2): one (λ, λ0) row per layer
+        return slice(self.num_layers, 3 * self.num_layers)
+
+    @property
+    def value_pairs(self) -> slice:  # view(-1, 2): one (λ, λve) row per layer
+        return slice(3 * self.num_layers, 5 * self.num_layers)
+
+    def residual_pair(self, layer: int) -> slice:
+        start = self.num_layers + 2 * layer
+        return slice(start, start + 2)
+
+    def value_pair(self, layer: int) -> slice:
+        start = 3 * self.num_layers + 2 * layer
+        return slice(start, start + 2)
+
+    def initial(self) -> list[float]:
+        """Upstream's initial values: skips 1, residual pairs (1, 0), value pairs (0.5, 0.5); what a
+        slot the source never trained (small's unused skips, layer 7's value pair) keeps."""
+        L = self.num_layers
+        return [1.0] * L + [*RESIDUAL_PAIR_INIT] * L + [*VALUE_PAIR_INIT] * L
+
+
+RESIDUAL_PAIR_INIT = (1.0, 0.0)  # x = 1·x + 0·x0 before training
+VALUE_PAIR_INIT = (0.5, 0.5)  # v = 0.5·v + 0.5·ve before training
+
+
 def gptbatched_expected_shapes(cfg: GPTBatchedConfig) -> dict[str, tuple[int, ...]]:
     """GPTBatched's parameter names and shapes (the medium layout)."""
     d, hdim, L = cfg.model_dim, cfg.num_heads * cfg.head_dim, cfg.num_layers
@@ -145,7 +188,7 @@ def gptbatched_expected_shapes(cfg: GPTBatchedConfig) -> dict[str, tuple[int, ..
         shapes[f"blocks.{i}.mlp.fc_w"] = (cfg.mlp_dim, d)
         shapes[f"blocks.{i}.mlp.proj_w"] = (d, cfg.mlp_dim)
     shapes["lm_head_w"] = (cfg.padded_vocab, d)
-    shapes["scalars"] = (5 * L,)
+    shapes["scalars"] = (ScalarLayout(L).size,)
     return shapes
 
 
@@ -171,5 +214,5 @@ def small_expected_shapes(variant: str, num_layers: int, num_heads: int, model_d
     if variant == "v1":
         shapes["skip_weights"] = (L // 2,)
     else:
-        shapes["scalars"] = (scalars_len if scalars_len is not None else 5 * L,)
+        shapes["scalars"] = (scalars_len if scalars_len is not None else ScalarLayout(L).size,)
     return shapes

@@ -23,7 +23,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .families import HEAD_DIM, WINDOW_BLOCK, Family, GPTBatchedConfig
+from .families import (
+    HEAD_DIM,
+    RESIDUAL_PAIR_INIT,
+    VALUE_PAIR_INIT,
+    WINDOW_BLOCK,
+    Family,
+    GPTBatchedConfig,
+    ScalarLayout,
+)
 
 ATTN_SCALE = 0.12  # both scripts replace head_dim ** -0.5 by this constant
 
@@ -157,7 +165,7 @@ class SmallAttention(Attention):
         self.qkv_w = _uniform(3, hdim, dim, device=device)
         self.c_proj = nn.Linear(hdim, dim, bias=False, device=device)
         if separate_lambdas:  # v1 keeps the value-mix lambdas here; v2 packs them into scalars
-            self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5], device=device))
+            self.lambdas = nn.Parameter(torch.tensor(VALUE_PAIR_INIT, device=device))
 
     def qkv_weight(self):
         return self.qkv_w.flatten(end_dim=1)
@@ -216,7 +224,7 @@ class Block(nn.Module):
         self.mlp = mlp
         self.norm_attn_input = norm_attn_input
         if separate_lambdas:  # small v1 keeps the residual-mix lambdas per block
-            self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0], device=device))
+            self.lambdas = nn.Parameter(torch.tensor(RESIDUAL_PAIR_INIT, device=device))
 
     def forward(self, x, x0, ve, lambdas, sa_lambdas, mask):  # x, x0: (B, T, D)
         x = lambdas[0] * x + lambdas[1] * x0
@@ -272,8 +280,9 @@ class _GPT(nn.Module):
         masks = self._masks(input_ids)
         dtype = self.compute_dtype or self.embed.weight.dtype
         ve = [emb(input_ids).to(dtype) for emb in self.value_embeds]  # 3 x (B, T, D)
-        scalars = self.packed_scalars().float()
-        skip_w, lambdas, sa_lambdas = scalars[:L], scalars[L:3 * L].view(-1, 2), scalars[3 * L:5 * L].view(-1, 2)
+        scalars, layout = self.packed_scalars().float(), ScalarLayout(L)
+        skip_w = scalars[layout.skips]
+        lambdas, sa_lambdas = scalars[layout.residual_pairs].view(-1, 2), scalars[layout.value_pairs].view(-1, 2)
         x = x0 = norm(self.embed(input_ids).to(dtype))  # (B, T, D)
         outputs: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
@@ -309,17 +318,18 @@ class GPTFlexAttention(_GPT):
             self.skip_weights = nn.Parameter(torch.ones(cfg.num_layers // 2, device=device))
         else:
             # v2 pads the packed scalars to a multiple of the training world size.
-            self.scalars = nn.Parameter(torch.ones(scalars_len or 5 * cfg.num_layers, device=device))
+            self.scalars = nn.Parameter(torch.ones(scalars_len or ScalarLayout(cfg.num_layers).size, device=device))
 
     def head_weight(self):
         return self.lm_head.weight
 
     def packed_scalars(self):
+        layout = ScalarLayout(self.cfg.num_layers)
         if self.variant == "v2":
-            return self.scalars[: 5 * self.cfg.num_layers]  # drop v2's world-size padding
+            return self.scalars[: layout.size]  # drop v2's world-size padding
         L = self.cfg.num_layers
         unused = torch.ones(L - L // 2, device=self.skip_weights.device)  # small reads only L/2 skips
-        no_attn = torch.tensor([0.5, 0.5], device=self.skip_weights.device)  # layer 7 has no attention
+        no_attn = torch.tensor(VALUE_PAIR_INIT, device=self.skip_weights.device)  # layer 7 has no attention
         return torch.cat([
             self.skip_weights.float(), unused,
             *[b.lambdas.float() for b in self.blocks],
@@ -339,7 +349,7 @@ class GPTBatched(_GPT):
                   PackedMLP(cfg.model_dim, cfg.mlp_dim, device), norm_attn_input=fam.norm_attn_input)
             for i in range(cfg.num_layers))
         self.lm_head_w = nn.Parameter(torch.zeros(cfg.padded_vocab, cfg.model_dim, device=device))
-        self.scalars = nn.Parameter(torch.ones(5 * cfg.num_layers, device=device))
+        self.scalars = nn.Parameter(torch.ones(ScalarLayout(cfg.num_layers).size, device=device))
 
     def head_weight(self):
         return self.lm_head_w
