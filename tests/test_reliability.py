@@ -602,3 +602,33 @@ def test_a_failing_file_in_a_batch_leaves_the_others_converted(tmp_path):
     (newest,) = [p for p in (out / "batches").glob("*.yaml") if yaml.safe_load(p.read_text())["batch"] != summary["batch"]]
     assert [(f["key"], f["reused"]) for f in yaml.safe_load(newest.read_text())["files"]] == \
         [("eng_spa_owt_run_1/best_state_100", False)]
+
+
+def test_a_file_killed_before_goes_last_and_twice_is_given_up(tmp_path):
+    """A file whose conversion was killed from outside (an attempt marker and no record) would
+    kill its batch again on every rerun: it goes after the others, and once killed twice it is a
+    failed record naming why, so its batch finishes and the run reports."""
+    import yaml
+
+    from ckpt_migrate.pipeline import OutputLayout, checkpoint_sources, detect_and_plan, read_batches, run_batch
+
+    root, layout = tmp_path / "clean_bbpe_50k", OutputLayout(str(tmp_path / "out"))
+    for i in range(3):
+        (root / f"eng_spa_owt_run_{i}").mkdir(parents=True)
+        _small_ckpt()(str(root / f"eng_spa_owt_run_{i}" / "best_state_100.pt"))
+    sources = checkpoint_sources(str(root), "*_owt_run_*/best_state_*.pt")
+    detect_and_plan(sources, {k: os.path.relpath(p, root) for k, p in sources.items()}, layout)
+    (batch,) = read_batches(layout.plan)
+    keys = [f"eng_spa_owt_run_{i}/best_state_100" for i in range(3)]
+    for key, attempts in ((keys[0], 1), (keys[2], 2)):  # killed once, killed twice
+        os.makedirs(os.path.dirname(layout.attempt(key)), exist_ok=True)
+        with open(layout.attempt(key), "w") as f:
+            yaml.safe_dump({"host": "node7", "pid": 1, "attempts": attempts, "log": layout.staged_log(key)}, f)
+    summary = run_batch(layout, batch, {"length": 64, "device": "cpu"}, {}, str(tmp_path / "summary.yaml"))
+    assert [(f["key"], f["status"]) for f in summary["files"]] == \
+        [(keys[1], "converted"), (keys[0], "converted"), (keys[2], "failed")]
+    given_up = yaml.safe_load(open(layout.staged(keys[2])))
+    assert given_up["status"] == "failed" and given_up["reason"].startswith("killed 2 times"), given_up
+    assert "on node7" in given_up["reason"] and "--forcerun plan" in given_up["reason"]
+    assert yaml.safe_load(open(layout.attempt(keys[0])))["attempts"] == 2  # its second try, recorded
+    assert not os.path.exists(layout.converted(keys[2]))

@@ -341,7 +341,7 @@ def _plan_rows(plan_path: str) -> list[dict[str, str]]:
 
 def run_conversion(src: str, manifest_path: str, converted_path: str, check_path: str,
                    check_settings: dict[str, Any], attempt_path: str | None = None,
-                   overrides: dict | None = None, log_path: str | None = None) -> dict:
+                   overrides: dict | None = None, log_path: str | None = None, attempts: int = 1) -> dict:
     """Convert + check one small checkpoint; always writes the check record, the .pt only on success.
 
     ``attempt_path`` records where the conversion runs before it starts, so that a job killed
@@ -353,7 +353,7 @@ def run_conversion(src: str, manifest_path: str, converted_path: str, check_path
     # Recorded before torch is even imported: a job killed for memory may not get further.
     if attempt_path:
         write_yaml(attempt_path, {**job_environment(), "pid": os.getpid(), "started": time.time(),
-                                  "log": log_path or ""})
+                                  "log": log_path or "", "attempts": attempts})
     from .check import CheckSettings
     from .fingerprint import converter_fingerprint
     from .migrate import convert_file
@@ -427,8 +427,11 @@ def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any
     if members is None:
         raise ValueError(f"batch {batch_id} is not in the plan {layout.plan}; rerun the workflow")
     summary: dict[str, Any] = {"batch": batch_id, **job_environment(), "pid": os.getpid(), "files": []}
-    for key, src in members.items():
-        staged, converted = layout.staged(key), layout.converted(key)
+    # A file whose conversion was killed before (memory, time limit, a crash in torch) goes last,
+    # so that it cannot keep the others of its batch from being converted run after run.
+    kills = {key: killed_attempts(layout, key) for key in members}
+    for key in sorted(members, key=lambda k: kills[k] > 0):
+        src, staged, converted = members[key], layout.staged(key), layout.converted(key)
         started, started_at = time.perf_counter(), time.time()
         record = current_record(staged, src, converted, check_settings, overrides)
         if record is not None and record.get("status") == "converted":  # a failure is tried again
@@ -436,12 +439,17 @@ def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any
             summary["files"].append({"key": key, "status": record.get("status"), "reused": True,
                                      "started": round(started_at, 3), "seconds": 0.0})
             continue
+        if kills[key] >= MAX_KILLED_ATTEMPTS:
+            _given_up(layout, key, src, kills[key])
+            summary["files"].append({"key": key, "status": "failed", "reused": False,
+                                     "started": round(started_at, 3), "seconds": 0.0})
+            continue
         handler = _file_log(layout.staged_log(key))
         try:
             log.info("batch %s, file %d of %d: %s", batch_id, len(summary["files"]) + 1, len(members),
                      display_path(src))
             record = run_conversion(src, layout.manifest(key), converted, staged, check_settings,
-                                    layout.attempt(key), overrides, layout.staged_log(key))
+                                    layout.attempt(key), overrides, layout.staged_log(key), kills[key] + 1)
         finally:
             logging.getLogger().removeHandler(handler)
             handler.close()
@@ -453,6 +461,41 @@ def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     write_yaml(summary_path, summary)
     return summary
+
+
+MAX_KILLED_ATTEMPTS = 2  # a file whose conversion was killed this often in a row is a failed record
+
+
+def killed_attempts(layout: OutputLayout, key: str) -> int:
+    """How many conversions of this file in a row started and never wrote its record: each was
+    killed from outside (memory or time limit, a crash), since a failure in Python is a record."""
+    attempt_ns = _mtime_ns(layout.attempt(key))
+    staged_ns = _mtime_ns(layout.staged(key))
+    if attempt_ns is None or (staged_ns is not None and staged_ns >= attempt_ns):
+        return 0
+    try:
+        return max(1, int(read_yaml(layout.attempt(key)).get("attempts", 1)))
+    except (OSError, yaml.YAMLError, TypeError, ValueError, AttributeError):
+        return 1
+
+
+def _given_up(layout: OutputLayout, key: str, src: str, kills: int) -> dict:
+    """The failed record of a file that was killed every time it was converted."""
+    from .fingerprint import converter_fingerprint
+
+    reason = one_line(f"killed {kills} times while being converted, not tried again (last: "
+                      f"{unfinished_conversion_reason(layout, key)}); to retry, delete its check record "
+                      f"and rerun with --forcerun plan", 300)
+    if os.path.exists(layout.converted(key)):
+        os.unlink(layout.converted(key))  # an older file's conversion must not stand for this one
+    record = {"relative_path": read_yaml(layout.manifest(key)).get("relative_path", ""),
+              "source": os.path.abspath(src), "status": "failed", "reason": reason,
+              "converter_fingerprint": converter_fingerprint(), "converted_on": job_environment()}
+    write_yaml(layout.staged(key), record)
+    with open(layout.staged_log(key), "a", encoding="utf-8") as f:
+        f.write(f"{reason}\n")
+    log.warning("%s: %s", display_path(src), reason)
+    return record
 
 
 def _file_log(path: str) -> logging.Handler:
