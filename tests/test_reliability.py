@@ -632,3 +632,23 @@ def test_a_file_killed_before_goes_last_and_twice_is_given_up(tmp_path):
     assert "on node7" in given_up["reason"] and "--forcerun plan" in given_up["reason"]
     assert yaml.safe_load(open(layout.attempt(keys[0])))["attempts"] == 2  # its second try, recorded
     assert not os.path.exists(layout.converted(keys[2]))
+
+
+@pytest.mark.e2e
+def test_a_failed_file_alone_in_its_batch_is_retried(tmp_path):
+    """One small file, its check fails; deleting its record and planning again converts it again
+    (a new batch, not the finished one it was in)."""
+    import yaml
+
+    root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
+    (root / "eng_spa_owt_run_0").mkdir(parents=True)
+    _small_ckpt(_poison(float("nan")))(str(root / "eng_spa_owt_run_0" / "best_state_100.pt"))
+    first = snakemake(str(root), str(out), config={"allow_check_failures": True})
+    assert first.returncode == 0 and job_counts(first.stdout + first.stderr).get("convert_batch") == 1
+    (out / "checks" / "eng_spa_owt_run_0" / "best_state_100.yaml").unlink()
+    retry = snakemake(str(root), str(out), "--forcerun", "plan", config={"allow_check_failures": True})
+    counts = job_counts(retry.stdout + retry.stderr)
+    assert retry.returncode == 0 and counts.get("convert_batch") == 1 and counts.get("convert") == 1, counts
+    summaries = [yaml.safe_load(p.read_text()) for p in (out / "batches").glob("*.yaml")]
+    assert len(summaries) == 2 and all(s["files"][0]["reused"] is False for s in summaries)
+    assert read_report(str(out / "report.csv"))[0]["status"] == "failed"

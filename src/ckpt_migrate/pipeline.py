@@ -300,8 +300,12 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
         rows.append(key)
     for start in range(0, len(unbatched), max(1, conversions_per_job)):
         members = unbatched[start:start + max(1, conversions_per_job)]
+        # Named by what it holds, so that planning again with nothing changed gives the same
+        # batches; the files' staged records are part of it, so that a retried file (its record
+        # deleted, its last attempt staged) never lands in the finished batch it was in.
         batch_id = "b" + hashlib.sha256(json.dumps(
-            [[key, new_index[key]["size"], new_index[key]["mtime"]] for key in members]).encode()).hexdigest()[:12]
+            [[key, new_index[key]["size"], new_index[key]["mtime"], _mtime_ns(layout.staged(key))]
+             for key in members]).encode()).hexdigest()[:12]
         for key in members:
             new_index[key]["batch"] = batch_id
     atomic_write_text(layout.manifest_index, json.dumps(new_index))
