@@ -121,7 +121,7 @@ class HashingWriter:
     def __init__(self, f: BinaryIO):
         self._f = f
         self.size = 0
-        self._hash = _TrailingHash(f.fileno())
+        self._hash = _TrailingHash(f.name)
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
@@ -146,14 +146,14 @@ class HashingWriter:
 
 
 class _TrailingHash:
-    """sha256 of a file being written, read back from a second descriptor on its own thread."""
+    """sha256 of a file being written, read back through its own descriptor on its own thread."""
 
     CHUNK = 16 << 20
 
-    def __init__(self, fd: int):
+    def __init__(self, path: str):
         import threading
 
-        self._fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY) if os.path.exists("/proc/self/fd") else os.dup(fd)
+        self._fd = os.open(path, os.O_RDONLY)
         self._sha256 = hashlib.sha256()
         self._written = self._hashed = 0
         self._done = False

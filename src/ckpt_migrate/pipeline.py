@@ -351,7 +351,7 @@ def run_conversion(src: str, manifest_path: str, converted_path: str, check_path
     ``attempt_path`` records where the conversion runs before it starts, so that a job killed
     from outside (SLURM's memory or time limit, scancel) can still be named in the report. The
     record says which file (size, mtime), converter, check settings and overrides it is for, so
-    that a later run can tell whether it still stands (:func:`current_record`)."""
+    that a later run can tell whether it still stands (:func:`standing_conversion`)."""
     import time
 
     # Recorded before torch is even imported: a job killed for memory may not get further.
@@ -387,6 +387,7 @@ def run_conversion(src: str, manifest_path: str, converted_path: str, check_path
 
 
 def _source_identity(path: str) -> dict | None:
+    """A file's size, mtime and inode, to tell whether it changed since; None if it is missing."""
     try:
         st = os.stat(path)
     except OSError:
@@ -394,11 +395,11 @@ def _source_identity(path: str) -> dict | None:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
 
 
-def current_record(record_path: str, src: str, converted_path: str, check_settings: dict[str, Any],
-                   overrides: dict | None) -> dict | None:
-    """The check record at ``record_path`` if it still stands for ``src`` as it is now: the same
-    file (size, mtime, inode), converter, check settings and overrides, and, for a conversion,
-    its output still there. None otherwise (then the file is converted again)."""
+def standing_conversion(record_path: str, src: str, converted_path: str, check_settings: dict[str, Any],
+                        overrides: dict | None) -> dict | None:
+    """The check record at ``record_path`` if it is a conversion that still stands for ``src`` as
+    it is now: the same file (size, mtime, inode), converter, check settings and overrides, and its
+    output still there. None otherwise, a failure included (then the file is converted again)."""
     from .fingerprint import converter_fingerprint
 
     try:
@@ -410,7 +411,7 @@ def current_record(record_path: str, src: str, converted_path: str, check_settin
               and record.get("converter_fingerprint") == converter_fingerprint()
               and record.get("check_settings") == dict(check_settings)
               and record.get("overrides") == dict(overrides or {})
-              and (record.get("status") != "converted" or os.path.isfile(converted_path)))
+              and record.get("status") == "converted" and os.path.isfile(converted_path))
     return record if stands else None
 
 
@@ -437,10 +438,9 @@ def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any
     for key in sorted(members, key=lambda k: kills[k] > 0):
         src, staged, converted = members[key], layout.staged(key), layout.converted(key)
         started, started_at = time.perf_counter(), time.time()
-        record = current_record(staged, src, converted, check_settings, overrides)
-        if record is not None and record.get("status") == "converted":  # a failure is tried again
-            log.info("%s: its record from an earlier run stands (%s)", display_path(src), record.get("status"))
-            summary["files"].append({"key": key, "status": record.get("status"), "reused": True,
+        if standing_conversion(staged, src, converted, check_settings, overrides) is not None:
+            log.info("%s: its conversion from an earlier run stands", display_path(src))
+            summary["files"].append({"key": key, "status": "converted", "reused": True,
                                      "started": round(started_at, 3), "seconds": 0.0})
             continue
         if kills[key] >= MAX_KILLED_ATTEMPTS:
@@ -569,7 +569,7 @@ def report_row(manifest: dict, check: dict | None) -> dict:
 def write_report(layout: OutputLayout) -> list[dict]:
     """``report.csv``: one row per checkpoint in the plan, from its manifest and, for small files, its check record.
 
-    A row whose manifest and check record are the very files (same mtime and size) it was made
+    A row whose manifest and check record are the very files (same size, mtime and inode) it was made
     from last time is taken from the report's own index instead of reading them again: with
     10,000 files, reading every manifest is most of a rerun's time."""
     with open(__file__, "rb") as f:  # rows made by other report code are made again
@@ -580,7 +580,7 @@ def write_report(layout: OutputLayout) -> list[dict]:
     rows = []
     for key, status in read_plan(layout.plan):
         manifest_path, check_path = layout.manifest(key), layout.check(key)
-        stamp = [_stamp(manifest_path), _stamp(check_path) if status == "to_convert" else None]
+        stamp = [_source_identity(manifest_path), _source_identity(check_path) if status == "to_convert" else None]
         entry = index.get(key)
         if entry is not None and entry.get("stamp") == stamp and stamp[0] is not None:
             row = entry["row"]
@@ -594,15 +594,6 @@ def write_report(layout: OutputLayout) -> list[dict]:
     _write_rows(rows, layout.report)
     atomic_write_text(layout.report_index, json.dumps({"version": version, "rows": new_index}))
     return rows
-
-
-def _stamp(path: str) -> list[int] | None:
-    """A file's (mtime in ns, size), to tell whether it changed; None if it is missing."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [st.st_mtime_ns, st.st_size]
 
 
 def _write_rows(rows: list[dict], report_path: str) -> None:
