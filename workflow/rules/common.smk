@@ -75,10 +75,6 @@ def detect_inputs():
     ]
 
 
-def check_path(ckpt):
-    return LAYOUT.check(ckpt)
-
-
 def _plan_batches():
     """{batch: {key: source}} from the plan, read once per plan version (input functions run per job)."""
     plan = checkpoints.plan.get().output.plan
@@ -114,7 +110,9 @@ def report_inputs(wildcards):
     return {
         "plan": plan,
         "checks": [
-            check_path(key) for key, status in read_plan(plan) if status == "to_convert"
+            LAYOUT.check(key)
+            for key, status in read_plan(plan)
+            if status == "to_convert"
         ],
     }
 
