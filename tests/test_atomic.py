@@ -1,0 +1,61 @@
+"""The hashing writer: the sha256 it reports is the written file's, however the bytes arrive."""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+
+import pytest
+
+from ckpt_migrate import atomic
+
+# Pieces that straddle the hasher's 16 MiB wake-up size and the page size, as torch.save's
+# small headers and large tensor records do.
+PIECES = [1, 4097, (16 << 20) + 3, 7, (5 << 20) - 1, 123_457, (16 << 20), 2]
+
+
+def _write_pieces(path: str) -> tuple[str, int, bytes]:
+    data = os.urandom(sum(PIECES))
+    pending = atomic.PendingFile(path)
+
+    def write(f):
+        offset = 0
+        for size in PIECES:
+            f.write(memoryview(data)[offset:offset + size])
+            offset += size
+
+    digest, size = pending.write_with(write)
+    pending.commit()
+    return digest, size, data
+
+
+def test_hash_of_odd_pieces_is_the_files_sha256(tmp_path):
+    path = str(tmp_path / "out.bin")
+    digest, size, data = _write_pieces(path)
+    assert size == len(data) == os.path.getsize(path)
+    assert digest == hashlib.sha256(data).hexdigest() == atomic.sha256_file(path)
+
+
+def test_hash_without_memory_mapping_reads_the_file_instead(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device")  # what a file system that cannot map says
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    path = str(tmp_path / "out.bin")
+    digest, _, data = _write_pieces(path)
+    assert digest == hashlib.sha256(data).hexdigest()
+
+
+def test_a_failed_write_leaves_no_file_and_keeps_its_error(tmp_path):
+    path = tmp_path / "out.bin"
+    pending = atomic.PendingFile(str(path))
+
+    def write(f):
+        f.write(b"x" * (20 << 20))
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        pending.write_with(write)
+    pending.abort()
+    assert os.listdir(tmp_path) == []
