@@ -81,7 +81,7 @@ def main() -> None:
     root, out = os.path.join(args.work, "clean_bbpe_50k"), os.path.join(args.work, "out")
     files = build_tree(root)
     cmd = [os.path.join(os.path.dirname(sys.executable), "snakemake"), "--cores", "2", "--config",
-           f"input_root={root}", f"output_root={out}", "check_length=512"]
+           f"input_root={root}", f"output_root={out}", "check={length: 512}"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak_total = peak_single = 0

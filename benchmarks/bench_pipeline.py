@@ -66,7 +66,7 @@ def main() -> int:
         os.link(small if i % args.small_every == 0 else medium, os.path.join(folder, f"best_state_{100 + i}.pt"))
     out = os.path.join(args.work, "results")
     snakemake = [os.path.join(os.path.dirname(sys.executable), "snakemake"), "--cores", "2",
-                 "--config", f"input_root={root}", f"output_root={out}", "check_length=128"]
+                 "--config", f"input_root={root}", f"output_root={out}", "check={length: 128}"]
     results = {"files": args.files, "small": len(range(0, args.files, args.small_every)),
                "machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
     results["first_run"] = run(snakemake)

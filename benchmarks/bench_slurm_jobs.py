@@ -49,7 +49,7 @@ def main() -> int:
         t0 = time.perf_counter()
         proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "snakemake"), "--profile", "profiles/slurm",
                                "--workflow-profile", "tests/slurm_profile", "--config", f"input_root={root}",
-                               f"output_root={out}", "check_length=128"], cwd=REPO, env=env, capture_output=True,
+                               f"output_root={out}", "check={length: 128}"], cwd=REPO, env=env, capture_output=True,
                               text=True)
         wall = time.perf_counter() - t0
     finally:

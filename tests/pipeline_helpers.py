@@ -16,7 +16,7 @@ SNAKEMAKE = os.path.join(os.path.dirname(sys.executable), "snakemake")
 def snakemake(input_root: str, output_root: str, *extra: str, config: dict | None = None,
               timeout: int = 600) -> subprocess.CompletedProcess:
     """``snakemake --cores 2`` in the repository, on ``input_root``, writing to ``output_root``."""
-    settings = {"input_root": input_root, "output_root": output_root, "check_length": 512}
+    settings = {"input_root": input_root, "output_root": output_root, "check": "{length: 512}"}
     settings.update(config or {})
     cmd = [SNAKEMAKE, "--cores", "2", "--config", *[f"{k}={v}" for k, v in settings.items()], *extra]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)

@@ -54,7 +54,7 @@ def test_no_code_and_a_default_outside_the_vocabulary_is_said_not_used(tmp_path)
 def test_overrides_reach_the_report_and_the_converted_file(tmp_path):
     root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
     _small(root / "eng_spa_owt_run_1/best_state_100.pt", with_code=False)
-    cmd = [SNAKEMAKE, "--cores", "2", "--config", f"input_root={root}", f"output_root={out}", "check_length=128"]
+    cmd = [SNAKEMAKE, "--cores", "2", "--config", f"input_root={root}", f"output_root={out}", "check={length: 128}"]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     row = read_report(str(out / "report.csv"))[0]
@@ -81,7 +81,7 @@ def test_a_converter_change_reconverts_and_a_report_change_does_not(tmp_path):
     root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
     for i in range(2):
         _small(root / f"eng_spa_owt_run_{i}/best_state_100.pt")
-    cmd = [SNAKEMAKE, "--cores", "2", "--config", f"input_root={root}", f"output_root={out}", "check_length=128"]
+    cmd = [SNAKEMAKE, "--cores", "2", "--config", f"input_root={root}", f"output_root={out}", "check={length: 128}"]
     assert subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600).returncode == 0
     record = read_yaml(str(out / "checks/eng_spa_owt_run_0/best_state_100.yaml"))
     from ckpt_migrate.fingerprint import converter_fingerprint
@@ -109,7 +109,7 @@ def test_periodic_runs_never_overlap(tmp_path):
     _small(root / "eng_spa_owt_run_1/best_state_100.pt")
     lock = tmp_path / "periodic.lock"
     cmd = ["bash", "scripts/run_periodic.sh", "--cores", "2", "--config", f"input_root={root}",
-           f"output_root={out}", "check_length=128"]
+           f"output_root={out}", "check={length: 128}"]
     env = {**os.environ, "CKPT_MIGRATE_LOCK": str(lock)}
     with open(lock, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # a run in progress

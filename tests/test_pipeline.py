@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import pytest
+import yaml
 import torch
 
 from ckpt_migrate import load_pretrained_checkpoint, synthetic
@@ -68,7 +69,9 @@ def first_run(tree, tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     before = tree_state(str(tree))
     make_read_only(str(tree))
-    proc = snakemake(str(tree), str(out))
+    # The check settings as a lab member types them: a merge into the check: section, given as
+    # Snakemake passes nested values on (strings), 5e-4 in the form YAML 1.1 does not read as a number.
+    proc = snakemake(str(tree), str(out), config={"check": "{length: 512, seed: 7, tolerance: 5e-4}"})
     return tree, out, proc, before
 
 
@@ -87,6 +90,9 @@ def test_report_has_one_row_per_checkpoint(first_run):
         if row["status"] == "converted":
             assert row["check_passed"] == "True" and float(row["max_abs_logit_diff"]) < 1e-4
             assert row["check_dtype"] == "float32" and row["check_device"] == "cpu"
+            assert float(row["tolerance"]) == 5e-4
+            record = yaml.safe_load((out / "checks" / rel).with_suffix(".yaml").read_text())
+            assert (record["check_length"], record["check_seed"], record["check_batch"]) == (512, 7, 2)
             assert float(row["top1_agreement"]) == 1.0 and row["converted_sha256"]
     assert not os.path.exists("/tmp/ckpt_migrate_PWNED")
     # The summary is printed at the end.
@@ -222,7 +228,7 @@ def test_outputs_honour_the_umask(tmp_path, umask):
     root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
     sd = synthetic.small_state_dict("v2", vocab=VOCAB, seed=1)
     synthetic.save(synthetic.upstream_checkpoint(sd, "small", step=100), str(root / "eng_spa_owt_run_1/best_state_100.pt"))
-    cmd = [SNAKEMAKE, "--cores", "2", "--config", f"input_root={root}", f"output_root={out}", "check_length=128"]
+    cmd = [SNAKEMAKE, "--cores", "2", "--config", f"input_root={root}", f"output_root={out}", "check={length: 128}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           preexec_fn=lambda: os.umask(umask))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -252,7 +258,7 @@ def test_every_match_keeps_its_row_when_names_collide(tmp_path):
     root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
     _small(root / "eng_spa_owt_run_1/best_state_100.pt", seed=1)
     shutil.copyfile(root / "eng_spa_owt_run_1/best_state_100.pt", root / "eng_spa_owt_run_1/best_state_100")
-    proc = snakemake(str(root), str(out), config={"glob": "*/best_state_*", "check_length": 128})
+    proc = snakemake(str(root), str(out), config={"glob": "*/best_state_*", "check": "{length: 128}"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = {r["relative_path"]: r["status"] for r in read_report(str(out / "report.csv"))}
     assert rows == {"eng_spa_owt_run_1/best_state_100.pt": "converted", "eng_spa_owt_run_1/best_state_100": "converted"}
@@ -305,3 +311,11 @@ def test_plan_batches_new_files_and_keeps_unchanged_ones_where_they_were(tmp_pat
     third = plan()
     retried = [b for b in set(third) - set(second)]
     assert len(retried) == 1 and list(third[retried[0]]) == ["eng_spa_owt_run_3/best_state_100"]
+
+
+def test_flat_check_keys_of_earlier_versions_are_refused_by_name(tmp_path):
+    """A config written for an earlier version fails at start, saying where the key went."""
+    (tmp_path / "tree").mkdir()
+    proc = snakemake(str(tmp_path / "tree"), str(tmp_path / "out"), "-n", config={"check_length": 1024})
+    assert proc.returncode != 0
+    assert "config keys check_length are now under check:" in proc.stdout + proc.stderr

@@ -487,7 +487,7 @@ def test_second_snakemake_on_the_same_outputs_is_refused(tmp_path):
         folder = root / f"eng_spa_owt_run_{i}"
         folder.mkdir(parents=True)
         _small_ckpt()(str(folder / "best_state_100.pt"))
-    cmd = [SNAKEMAKE, "--cores", "2", "--config", f"input_root={root}", f"output_root={out}", "check_length=4096"]
+    cmd = [SNAKEMAKE, "--cores", "2", "--config", f"input_root={root}", f"output_root={out}", "check={length: 4096}"]
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "logs" / "convert_batch").exists():
@@ -535,7 +535,7 @@ def test_killed_conversion_still_gets_a_report_and_a_rerun_finishes_it(tmp_path)
     for i in range(3):
         (root / f"eng_spa_owt_run_{i}").mkdir(parents=True)
         _small_ckpt()(str(root / f"eng_spa_owt_run_{i}" / "best_state_100.pt"))
-    cmd = [SNAKEMAKE, "--cores", "1", "--config", f"input_root={root}", f"output_root={out}", "check_length=4096"]
+    cmd = [SNAKEMAKE, "--cores", "1", "--config", f"input_root={root}", f"output_root={out}", "check={length: 4096}"]
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     staged, deadline = out / "staged" / "eng_spa_owt_run_0" / "best_state_100.yaml", time.time() + 180
     while time.time() < deadline and not staged.exists():

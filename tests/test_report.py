@@ -47,7 +47,7 @@ def test_html_report_holds_table_figures_and_every_reason(tmp_path):
     run = snakemake(str(root), str(out), config={"allow_check_failures": "True"})
     assert run.returncode == 0, run.stderr[-3000:]
     page = tmp_path / "report.html"
-    proc = subprocess.run([SNAKEMAKE, "--config", f"input_root={root}", f"output_root={out}", "check_length=512",
+    proc = subprocess.run([SNAKEMAKE, "--config", f"input_root={root}", f"output_root={out}", "check={length: 512}",
                            "allow_check_failures=True", "--report", str(page)],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0 and page.exists(), proc.stderr[-3000:]

@@ -32,7 +32,7 @@ COMPARED = ("relative_path", "status", "format", "variant", "reason", "step", "p
 
 def slurm_snakemake(env: dict, input_root, output_root, *extra, check_length=512, background=False):
     cmd = [SNAKEMAKE, *PROFILE_ARGS, "--config", f"input_root={input_root}", f"output_root={output_root}",
-           f"check_length={check_length}", *extra]
+           f"check={{length: {check_length}}}", *extra]
     kwargs = dict(cwd=REPO, env={**os.environ, **env}, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if background:
         return subprocess.Popen(cmd, **kwargs)

@@ -2,6 +2,8 @@
 import os
 import re
 
+import yaml
+
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
@@ -17,6 +19,37 @@ from ckpt_migrate.pipeline import (
     summarize,
 )
 
+
+def _check_section(config):
+    """The check: section made ready for validation: the flat keys of earlier versions are refused
+    by name, and values given on the command line (--config 'check={length: 1024}'), which
+    Snakemake passes on as strings inside a mapping, are read as YAML scalars."""
+    flat = sorted(key for key in config if key.startswith("check_"))
+    if flat:
+        raise WorkflowError(
+            f"config keys {', '.join(flat)} are now under check: (e.g. check: {{length: 2048}}; "
+            f"on the command line --config 'check={{length: 2048}}')"
+        )
+    section = config.get("check")
+    if isinstance(section, dict):
+        config["check"] = {
+            key: _scalar(value) if isinstance(value, str) else value
+            for key, value in section.items()
+        }
+
+
+def _scalar(text):
+    """A command-line value as YAML reads it, and 1e-3 as a number (YAML 1.1 wants 1.0e-3)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+_check_section(config)
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 
 INPUT_ROOT = os.path.abspath(os.path.expanduser(config["input_root"]))
@@ -33,12 +66,8 @@ if os.path.commonpath([_out, INPUT_ROOT]) == INPUT_ROOT:
         f"(set output_root elsewhere)"
     )
 LAYOUT = OutputLayout(OUT)
-# The logit-check settings (check_batch, check_length, ...) as ckpt_migrate.check.CheckSettings takes them.
-CHECK_SETTINGS = {
-    key[len("check_") :]: value
-    for key, value in config.items()
-    if key.startswith("check_")
-}
+# The logit-check settings, as ckpt_migrate.check.CheckSettings takes them.
+CHECK_SETTINGS = lookup(dpath="check", within=config)
 # Rerun triggers: every conversion (detection) is redone when the code that decides it changes.
 CONVERTER_FINGERPRINT = converter_fingerprint()
 DETECTOR_FINGERPRINT = detector_fingerprint()
