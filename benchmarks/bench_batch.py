@@ -75,7 +75,8 @@ import torch
 from ckpt_migrate.atomic import PendingFile
 from ckpt_migrate.convert import convert_state_dict
 from ckpt_migrate.detect import config_from_record
-from ckpt_migrate.migrate import converted_payload, load_source
+from ckpt_migrate.converted import payload as converted_payload
+from ckpt_migrate.conversion import load_source
 src, work, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 record, checkpoint, small = load_source(src, None)
 cfg = config_from_record(record)

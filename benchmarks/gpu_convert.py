@@ -26,7 +26,7 @@ import json, sys, time
 t0 = time.perf_counter()
 import torch
 from ckpt_migrate.check import CheckSettings
-from ckpt_migrate.migrate import convert_file, load_source, reference_model, build_model
+from ckpt_migrate.conversion import convert_file, load_source, reference_model, build_model
 from ckpt_migrate.models import GPTBatched
 from ckpt_migrate.convert import convert_state_dict
 from ckpt_migrate.detect import config_from_record

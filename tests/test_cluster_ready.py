@@ -13,7 +13,7 @@ import pytest
 from ckpt_migrate import synthetic
 from ckpt_migrate.check import CheckSettings
 from ckpt_migrate.detect import detect
-from ckpt_migrate.migrate import convert_file, load_pretrained_checkpoint
+from ckpt_migrate.conversion import convert_file, load_pretrained_checkpoint
 from ckpt_migrate.pipeline import read_report, read_yaml
 
 from .conftest import VOCAB

@@ -13,7 +13,7 @@ from ckpt_migrate import load_pretrained_checkpoint, synthetic
 from ckpt_migrate.check import CheckSettings
 from ckpt_migrate.convert import ConversionError, UnmappedKeyError, convert_state_dict
 from ckpt_migrate.detect import config_from_record
-from ckpt_migrate.migrate import build_model, check_file, convert_file, load_source, reference_model
+from ckpt_migrate.conversion import build_model, check_file, convert_file, load_source, reference_model
 from ckpt_migrate.models import GPTBatched
 from ckpt_migrate.check import logit_check
 
@@ -117,13 +117,13 @@ def test_nan_weights_fail_the_check_and_publish_nothing(tmp_path):
 
 
 def test_failed_write_leaves_nothing_at_the_final_path(small_v2_path, tmp_path, monkeypatch):
-    import ckpt_migrate.migrate as migrate
+    import ckpt_migrate.conversion as conversion
 
     def broken_save(obj, f):
         f.write(b"PK\x03\x04 partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(migrate.torch, "save", broken_save)
+    monkeypatch.setattr(conversion.torch, "save", broken_save)
     result = convert_file(small_v2_path, str(tmp_path / "out.pt"), SETTINGS)
     assert result["status"] == "failed" and "No space left on device; nothing written" in result["reason"]
     assert os.listdir(tmp_path) == []

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from ckpt_migrate.families import GPTBatchedConfig
+from ckpt_migrate.families import GPTConfig
 from ckpt_migrate.models import GPTBatched, GPTFlexAttention, dense_mask
 
 BS = 128
@@ -57,9 +57,9 @@ def test_window_and_document_rule_matches_upstream_block_masks(window_blocks, se
     assert torch.equal(ours, expected)
 
 
-def tiny_config(family: str, window_blocks: int = 2, eot: int | None = 5) -> GPTBatchedConfig:
+def tiny_config(family: str, window_blocks: int = 2, eot: int | None = 5) -> GPTConfig:
     L = 12 if family == "small" else 16
-    return GPTBatchedConfig(family, L, 1, 128, 128, 512, 1000, 1024,
+    return GPTConfig(family, L, 1, 128, 128, 512, 1000, 1024,
                             [i for i in range(L) if i != 7], window_blocks, "test", eot)
 
 

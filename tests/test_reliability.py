@@ -21,7 +21,7 @@ import torch
 
 from ckpt_migrate import synthetic
 from ckpt_migrate.check import CheckSettings
-from ckpt_migrate.migrate import convert_file
+from ckpt_migrate.conversion import convert_file
 from ckpt_migrate.pipeline import read_report, verify_outputs
 
 from .conftest import VOCAB
@@ -463,18 +463,18 @@ def test_output_filesystem_full(tmp_path):
 
 
 def test_source_replaced_while_being_converted(tmp_path, monkeypatch):
-    import ckpt_migrate.migrate as migrate
+    import ckpt_migrate.conversion as conversion
 
     src, dst = str(tmp_path / "best_state_100.pt"), str(tmp_path / "out.pt")
     _small_ckpt()(src)
-    real_check = migrate.logit_check
+    real_check = conversion.logit_check
 
     def check_then_replace(*args, **kwargs):
         _small_ckpt(variant="v1")(src + ".new")
         os.replace(src + ".new", src)  # a training job saving a new best state meanwhile
         return real_check(*args, **kwargs)
 
-    monkeypatch.setattr(migrate, "logit_check", check_then_replace)
+    monkeypatch.setattr(conversion, "logit_check", check_then_replace)
     result = convert_file(src, dst, CheckSettings(length=128))
     assert result["status"] == "failed" and "changed while it was being converted" in result["reason"]
     assert not os.path.exists(dst)

@@ -12,10 +12,10 @@ except PackageNotFoundError:  # a source tree that is not installed
 
 
 def load_pretrained_checkpoint(path, device="cpu", dtype=None):
-    """``model, info, checkpoint`` for any small, medium or converted checkpoint (see migrate)."""
+    """``model, info, checkpoint`` for any small, medium or converted checkpoint (see conversion)."""
     import torch
 
-    from .migrate import load_pretrained_checkpoint as _load
+    from .conversion import load_pretrained_checkpoint as _load
 
     return _load(path, device=device, dtype=dtype if dtype is not None else torch.float32)
 

@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 
-from .detect import CONVERTED_FORMAT, FORMAT_LABELS
+from .converted import FORMAT as CONVERTED_FORMAT
+from .detect import FORMAT_LABELS
 from .isolate import DEFAULT_MEMORY_MB, DEFAULT_SECONDS, detect_isolated
 from .metrics import CHECK_FIELDS
 
@@ -82,7 +83,7 @@ def _print_check(result: dict) -> None:
 
 
 def cmd_convert(args) -> int:
-    from .migrate import convert_file
+    from .conversion import convert_file
 
     result = convert_file(args.src, args.dst, _settings(args), _overrides(args))
     print(f"{args.src} -> {args.dst}: {result['status']}")
@@ -92,7 +93,7 @@ def cmd_convert(args) -> int:
 
 def cmd_check(args) -> int:
     from .convert import ConversionError
-    from .migrate import CheckpointError, check_file
+    from .conversion import CheckpointError, check_file
 
     try:
         result = check_file(args.path, _settings(args), source=args.source)

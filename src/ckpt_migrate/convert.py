@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from .families import GPTBatchedConfig, ScalarLayout, gptbatched_expected_shapes
+from .families import GPTConfig, ScalarLayout, gptbatched_expected_shapes
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _expect_shape(key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> Non
         raise ConversionError(f"{key}: shape {list(tensor.shape)} does not fit {list(shape)}")
 
 
-def convert_state_dict(small: dict[str, torch.Tensor], cfg: GPTBatchedConfig) -> dict[str, torch.Tensor]:
+def convert_state_dict(small: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """GPTBatched state dict from a prefix-stripped small (v1 or v2) state dict."""
     hdim = cfg.num_heads * cfg.head_dim
     if hdim != cfg.model_dim:

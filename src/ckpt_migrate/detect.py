@@ -13,29 +13,30 @@ import os
 import re
 from typing import Any
 
+from . import converted
 from .families import (
     EOT_TOKEN,
     FAMILIES,
     HEAD_DIM,
+    MAX_LAYERS,
     NO_ATTENTION_LAYER,
-    GPTBatchedConfig,
+    GPTConfig,
     gptbatched_expected_shapes,
     next_multiple,
     eot_token_from_code,
     num_iterations_from_code,
+    shape_differences,
     small_expected_shapes,
     window_blocks_at,
 )
 from .safe_pickle import DEFAULT_LIMITS, ArchiveInspection, ReaderLimits, TensorStub, inspect_archive, one_line
 
 STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
-CONVERTED_FORMAT = "gptbatched"  # the "format" marker of files this tool writes
 PREFIXES = ("_orig_mod.", "module.")
 OPTIMIZER_KEYS = ("optimizers", "optimizer", "optimizer_state_dict")
 FORMAT_LABELS = {name: family.label for name, family in FAMILIES.items()}
 _STEP_IN_NAME = re.compile(r"(?:best_state|state_step|step)_?(\d+)")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d{1,6})\.")  # bounded: a huge index is just an unexpected key
-MAX_LAYERS = 1024  # beyond this a block index is damage, not a model (and would cost a loop that long)
 MAX_REASON = 300  # characters of a reason in a manifest or the report
 MAX_LISTED_TENSORS = 20_000  # a manifest lists at most this many tensors
 
@@ -65,20 +66,6 @@ def find_state_dict(obj: Any) -> tuple[dict | None, str]:
             if _is_state_dict(obj.get(key)):
                 return obj[key], key
     return None, ""
-
-
-def _compare(actual: dict[str, tuple], expected: dict[str, tuple]) -> list[str]:
-    """Human-readable differences between two name->shape tables (empty when equal)."""
-    missing = [k for k in expected if k not in actual]
-    unexpected = [k for k in actual if k not in expected]
-    wrong = [f"{k} {list(actual[k])} (expected {list(expected[k])})"
-             for k in expected if k in actual and tuple(actual[k]) != tuple(expected[k])]
-    problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-        if items:
-            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-            problems.append(f"{label}: {', '.join(items[:3])}{more}")
-    return problems
 
 
 def _guess_family(keys: set[str]) -> tuple[str, str]:
@@ -141,17 +128,17 @@ def classify(state_dict: dict[str, TensorStub]) -> dict[str, Any]:
     }
     result.update(derived)
 
-    fam = FAMILIES[family]
+    spec = FAMILIES[family]
     problems: list[str] = []
-    if num_layers != fam.num_layers:
+    if num_layers != spec.num_layers:
         problems.append(f"{num_layers} layers, but the {family} family's windows and skips are "
-                        f"defined for {fam.num_layers}")
+                        f"defined for {spec.num_layers}")
     if hdim % HEAD_DIM:
         problems.append(f"attention width {hdim} is not a multiple of head_dim {HEAD_DIM}")
     if head[0] != next_multiple(vocab_rows, 128):
         problems.append(f"lm-head rows {head[0]} != embedding rows {vocab_rows} rounded up to 128")
     if family == "medium":
-        cfg = GPTBatchedConfig("medium", num_layers, hdim // HEAD_DIM, HEAD_DIM, model_dim, mlp_dim,
+        cfg = GPTConfig("medium", num_layers, hdim // HEAD_DIM, HEAD_DIM, model_dim, mlp_dim,
                                vocab_rows, head[0], [i for i in range(num_layers) if i != NO_ATTENTION_LAYER], 1)
         expected = gptbatched_expected_shapes(cfg)
     else:
@@ -161,7 +148,7 @@ def classify(state_dict: dict[str, TensorStub]) -> dict[str, Any]:
                                          vocab_rows, head[0], scalars_len)
         if variant == "v2" and vocab_rows % 128:
             problems.append(f"v2 embeddings have {vocab_rows} rows, not padded to a multiple of 128")
-    problems += _compare(shapes, expected)
+    problems += shape_differences(shapes, expected)
     if problems:
         result["reason"] = f"not {family}{('/' + variant) if variant else ''}: " + "; ".join(problems)
         return result
@@ -207,8 +194,10 @@ def record_from_inspection(path: str, inspection: ArchiveInspection,
     record["pickle_protocol"] = inspection.protocol
     record["pickle_objects"] = [one_line(name, 80) for name in inspection.objects[:20]]
     obj = inspection.obj
-    if isinstance(obj, dict) and obj.get("format") == CONVERTED_FORMAT:
-        return _converted_record(record, obj)
+    if converted.is_converted(obj):
+        record.update(converted.describe(obj))
+        record["reason"] = one_line(record["reason"], MAX_REASON)
+        return record
     state_dict, wrapper = find_state_dict(obj)
     if state_dict is None:
         top = (sorted(one_line(k, 40) for k in obj if isinstance(k, str))[:6] if isinstance(obj, dict)
@@ -239,11 +228,11 @@ def record_from_inspection(path: str, inspection: ArchiveInspection,
     record["tensors"] = {one_line(k, 200): {"shape": list(v.shape), "dtype": v.dtype}
                          for k, v in list(stripped.items())[:MAX_LISTED_TENSORS]}
     if record["format"] in FAMILIES:
-        fam = FAMILIES[record["format"]]
+        spec = FAMILIES[record["format"]]
         record["long_window_blocks"], record["window_source"] = window_blocks_at(
-            fam, record["step"], record["num_iterations"])
+            spec, record["step"], record["num_iterations"])
     if record["format"] == "medium":
-        problems = _compare({k: tuple(v["shape"]) for k, v in record["tensors"].items()},
+        problems = shape_differences({k: tuple(v["shape"]) for k, v in record["tensors"].items()},
                             gptbatched_expected_shapes(config_from_record(record)))
         record["direct_load"] = {"ok": not problems, "problems": problems}
     record["status"] = status_for(record)
@@ -277,56 +266,6 @@ def _infer_settings(record: dict, code: Any, overrides: dict[str, Any]) -> None:
                      f"({vocab}): it never occurs, so no document masking")
 
 
-def converted_config(obj: Any) -> GPTBatchedConfig | None:
-    """The GPTBatchedConfig a converted-format file carries, if every field is well-typed."""
-    cfg = obj.get("config") if isinstance(obj, dict) else None
-    if not isinstance(cfg, dict):
-        return None
-    ints = ("num_layers", "num_heads", "head_dim", "model_dim", "mlp_dim", "vocab_size", "padded_vocab",
-            "long_window_blocks")
-    ok = (cfg.get("family") in FAMILIES
-          and all(type(cfg.get(k)) is int and 0 < cfg[k] <= 2**31 for k in ints)
-          and cfg["num_layers"] <= MAX_LAYERS
-          and isinstance(cfg.get("attn_layers"), list)
-          and all(type(i) is int and 0 <= i < cfg["num_layers"] for i in cfg["attn_layers"])
-          and (cfg.get("eot_token") is None or type(cfg.get("eot_token")) is int)
-          and isinstance(cfg.get("window_source", ""), str) and isinstance(cfg.get("eot_source", ""), str))
-    if not ok:
-        return None
-    config = GPTBatchedConfig.from_dict(cfg)
-    config.window_source = one_line(config.window_source, 120)
-    config.eot_source = one_line(config.eot_source, 20)
-    return config
-
-
-def _converted_record(record: dict, obj: dict) -> dict:
-    """A file in this tool's output format: reported for what it is, from validated fields only."""
-    cfg = converted_config(obj)
-    tensors = obj.get("model") if isinstance(obj.get("model"), dict) else {}
-    stubs = {k: v for k, v in tensors.items() if isinstance(k, str) and isinstance(v, TensorStub)}
-    if cfg is None or not stubs or len(stubs) != len(tensors):
-        record.update(status="unknown", reason="claims the GPTBatched format, but its config or model is malformed")
-        return record
-    problems = _compare({k: tuple(v.shape) for k, v in stubs.items()}, gptbatched_expected_shapes(cfg))
-    if problems:
-        record.update(status="unknown", reason=one_line("claims the GPTBatched format, but " + "; ".join(problems),
-                                                        MAX_REASON))
-        return record
-    source = obj.get("source") if isinstance(obj.get("source"), dict) else {}
-    step = obj.get("step")
-    record.update({k: v for k, v in cfg.to_dict().items() if k not in ("family",)})
-    record.update(format=CONVERTED_FORMAT, status="not_needed",
-                  converted_from=cfg.family,
-                  variant=one_line(source.get("variant", ""), 8),
-                  reason="already in the GPTBatched layout (a converted file)",
-                  step=step if type(step) is int and 0 <= step < 2**62 else None,
-                  converter_version=one_line(obj.get("converter_version", ""), 40),
-                  params=sum(v.numel for v in stubs.values()),
-                  weight_bytes=sum(v.nbytes for v in stubs.values()),
-                  tensors={k: {"shape": list(v.shape), "dtype": v.dtype} for k, v in stubs.items()})
-    return record
-
-
 def _count_dtypes(state_dict: dict[str, TensorStub]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for v in state_dict.values():
@@ -343,9 +282,9 @@ def status_for(record: dict) -> str:
     return record.get("status") or "unknown"
 
 
-def config_from_record(record: dict) -> GPTBatchedConfig:
+def config_from_record(record: dict) -> GPTConfig:
     """The GPTBatched config for a detected small or medium checkpoint."""
-    return GPTBatchedConfig(
+    return GPTConfig(
         family=record["format"],
         num_layers=record["num_layers"],
         num_heads=record["num_heads"],

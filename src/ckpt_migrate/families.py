@@ -16,6 +16,7 @@ HEAD_DIM = 128  # both scripts build attention with head_dim=128
 WINDOW_BLOCK = 128  # flex-attention block size; windows are counted in these blocks
 EOT_TOKEN = 50256  # upstream's document separator (GPT-2 <|endoftext|>)
 NO_ATTENTION_LAYER = 7  # "skip attention of blocks.7" in both scripts
+MAX_LAYERS = 1024  # a layer count beyond this is damage, not a model (and would cost a loop that long)
 
 
 def next_multiple(value: float, n: int) -> int:
@@ -89,8 +90,9 @@ def eot_token_from_code(code: str | None) -> int | None:
 
 
 @dataclass
-class GPTBatchedConfig:
-    """Everything GPTBatched needs to reproduce one family's forward; stored in converted files."""
+class GPTConfig:
+    """One model's dimensions and forward semantics: configures GPTFlexAttention (a small file in
+    its own layout) and GPTBatched (the medium layout, either family's forward); stored in converted files."""
 
     family: str  # "small" or "medium": whose forward semantics to reproduce
     num_layers: int  # transformer blocks
@@ -110,17 +112,17 @@ class GPTBatchedConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "GPTBatchedConfig":
+    def from_dict(cls, data: dict) -> "GPTConfig":
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
 
     @property
-    def fam(self) -> Family:
+    def family_spec(self) -> Family:
         return FAMILIES[self.family]
 
     def window_blocks(self, layer: int) -> int:
         """Sliding window of ``layer`` in blocks (short = long // 2, at least one block)."""
-        if layer in self.fam.long_window_layers:
+        if layer in self.family_spec.long_window_layers:
             return self.long_window_blocks
         return max(1, self.long_window_blocks // 2)
 
@@ -176,7 +178,7 @@ RESIDUAL_PAIR_INIT = (1.0, 0.0)  # x = 1·x + 0·x0 before training
 VALUE_PAIR_INIT = (0.5, 0.5)  # v = 0.5·v + 0.5·ve before training
 
 
-def gptbatched_expected_shapes(cfg: GPTBatchedConfig) -> dict[str, tuple[int, ...]]:
+def gptbatched_expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     """GPTBatched's parameter names and shapes (the medium layout)."""
     d, hdim, L = cfg.model_dim, cfg.num_heads * cfg.head_dim, cfg.num_layers
     shapes: dict[str, tuple[int, ...]] = {"embed.weight": (cfg.vocab_size, d)}
@@ -216,3 +218,17 @@ def small_expected_shapes(variant: str, num_layers: int, num_heads: int, model_d
     else:
         shapes["scalars"] = (scalars_len if scalars_len is not None else ScalarLayout(L).size,)
     return shapes
+
+
+def shape_differences(actual: dict[str, tuple], expected: dict[str, tuple]) -> list[str]:
+    """Human-readable differences between two name->shape tables (empty when equal)."""
+    missing = [k for k in expected if k not in actual]
+    unexpected = [k for k in actual if k not in expected]
+    wrong = [f"{k} {list(actual[k])} (expected {list(expected[k])})"
+             for k in expected if k in actual and tuple(actual[k]) != tuple(expected[k])]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            problems.append(f"{label}: {', '.join(items[:3])}{more}")
+    return problems

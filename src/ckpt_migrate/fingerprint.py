@@ -13,13 +13,13 @@ import hashlib
 import os
 
 # Reading and loading (what is converted), layout tables and conversion, the models' forwards,
-# the logit check, and the file format written.
+# the logit check, and the file format written (and how it is written).
 CONVERTER_MODULES = ("safe_pickle.py", "loader.py", "detect.py", "families.py", "convert.py", "models.py",
-                     "check.py", "migrate.py", "atomic.py")
+                     "check.py", "conversion.py", "converted.py", "atomic.py")
 
 
 # What decides a manifest: the reader, the classification, and the isolation around it.
-DETECTOR_MODULES = ("safe_pickle.py", "detect.py", "families.py", "isolate.py")
+DETECTOR_MODULES = ("safe_pickle.py", "detect.py", "converted.py", "families.py", "isolate.py")
 
 
 def converter_fingerprint() -> str:

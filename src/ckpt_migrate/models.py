@@ -4,7 +4,7 @@
   (``qkv_w`` + ``c_proj``, ``c_fc``/``c_proj``, ``lm_head``; v1 separate scalars or v2 packed).
 - :class:`GPTBatched`: the lab's evaluation layout (train_gpt_medium.py's names: ``qkvo_w``,
   ``fc_w``, ``proj_w``, ``lm_head_w``, packed ``scalars``), configured by
-  :class:`~ckpt_migrate.families.GPTBatchedConfig` to reproduce either family. With
+  :class:`~ckpt_migrate.families.GPTConfig` to reproduce either family. With
   ``attention="flex"`` it is the medium family's training-time reference.
 
 Both take token ids ``[B, T]`` and return float32 logits ``[B, T, padded_vocab]`` after the
@@ -29,7 +29,7 @@ from .families import (
     VALUE_PAIR_INIT,
     WINDOW_BLOCK,
     Family,
-    GPTBatchedConfig,
+    GPTConfig,
     ScalarLayout,
 )
 
@@ -126,7 +126,7 @@ def _uniform(*shape: int, device=None) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, device=device).uniform_(-bound, bound))
 
 
-def _zeros(cfg: GPTBatchedConfig, device) -> torch.Tensor:
+def _zeros(cfg: GPTConfig, device) -> torch.Tensor:
     return torch.zeros(cfg.vocab_size, cfg.model_dim, device=device)
 
 
@@ -236,7 +236,7 @@ class Block(nn.Module):
 class _GPT(nn.Module):
     """Embeddings, the layer loop with the family's skips, and the soft-capped head."""
 
-    def __init__(self, cfg: GPTBatchedConfig, attention: str, device=None):
+    def __init__(self, cfg: GPTConfig, attention: str, device=None):
         super().__init__()
         if attention not in ("flex", "sdpa"):
             raise ValueError(f"attention must be 'flex' or 'sdpa', not {attention!r}")
@@ -270,7 +270,7 @@ class _GPT(nn.Module):
         """Final-normed hidden states [..., D] -> fp32 soft-capped logits [..., padded_vocab]; row by
         row, so a check can take them a few rows at a time instead of materializing [B, T, V]."""
         z = F.linear(hidden, self.head_weight().to(hidden.dtype)).float()  # (..., padded_vocab)
-        return softcap(z, self.cfg.fam, self.cfg.model_dim)
+        return softcap(z, self.cfg.family_spec, self.cfg.model_dim)
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, T] token ids -> final-normed hidden states [B, T, D] (everything but the head)."""
@@ -286,10 +286,10 @@ class _GPT(nn.Module):
         x = x0 = norm(self.embed(input_ids).to(dtype))  # (B, T, D)
         outputs: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
-            if cfg.fam.skip_map is None and i >= L // 2:  # small: U-net, layer i reads layer L-1-i
+            if cfg.family_spec.skip_map is None and i >= L // 2:  # small: U-net, layer i reads layer L-1-i
                 x = x + skip_w[i - L // 2] * outputs[L - 1 - i]
-            elif cfg.fam.skip_map is not None and i in cfg.fam.skip_map:
-                j = cfg.fam.skip_map[i]
+            elif cfg.family_spec.skip_map is not None and i in cfg.family_spec.skip_map:
+                j = cfg.family_spec.skip_map[i]
                 x = x + skip_w[j] * outputs[j]
             idx = cfg.value_embed_index(i)
             x = block(x, x0, ve[idx] if idx is not None else None, lambdas[i], sa_lambdas[i],
@@ -301,7 +301,7 @@ class _GPT(nn.Module):
 class GPTFlexAttention(_GPT):
     """train_gpt_small.py's model in its original layout (v1 or v2), flex attention by default."""
 
-    def __init__(self, cfg: GPTBatchedConfig, variant: str, attention: str = "flex",
+    def __init__(self, cfg: GPTConfig, variant: str, attention: str = "flex",
                  scalars_len: int | None = None, device=None):
         super().__init__(cfg, attention, device)
         if cfg.family != "small" or variant not in ("v1", "v2"):
@@ -340,13 +340,13 @@ class GPTFlexAttention(_GPT):
 class GPTBatched(_GPT):
     """The evaluation model: medium layout, either family's forward, batched sdpa attention."""
 
-    def __init__(self, cfg: GPTBatchedConfig, attention: str = "sdpa", device=None):
+    def __init__(self, cfg: GPTConfig, attention: str = "sdpa", device=None):
         super().__init__(cfg, attention, device)
-        fam = cfg.fam
+        spec = cfg.family_spec
         self.blocks = nn.ModuleList(
-            Block(PackedAttention(cfg.model_dim, cfg.num_heads, cfg.head_dim, fam.norm_v, device)
+            Block(PackedAttention(cfg.model_dim, cfg.num_heads, cfg.head_dim, spec.norm_v, device)
                   if i in cfg.attn_layers else None,
-                  PackedMLP(cfg.model_dim, cfg.mlp_dim, device), norm_attn_input=fam.norm_attn_input)
+                  PackedMLP(cfg.model_dim, cfg.mlp_dim, device), norm_attn_input=spec.norm_attn_input)
             for i in range(cfg.num_layers))
         self.lm_head_w = nn.Parameter(torch.zeros(cfg.padded_vocab, cfg.model_dim, device=device))
         self.scalars = nn.Parameter(torch.ones(ScalarLayout(cfg.num_layers).size, device=device))

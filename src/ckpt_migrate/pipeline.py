@@ -360,7 +360,7 @@ def run_conversion(src: str, manifest_path: str, converted_path: str, check_path
                                   "log": log_path or "", "attempts": attempts})
     from .check import CheckSettings
     from .fingerprint import converter_fingerprint
-    from .migrate import convert_file
+    from .conversion import convert_file
 
     manifest = read_yaml(manifest_path)
     settings = CheckSettings(**check_settings)
@@ -777,7 +777,7 @@ def verify_outputs(output_root: str, recheck: bool = False, settings: dict | Non
                 continue
             if recheck:
                 from .check import CheckSettings
-                from .migrate import CheckpointError, check_file
+                from .conversion import CheckpointError, check_file
 
                 # The source is the one our own record names, not a path read from the converted file.
                 source = (os.fsdecode(bytes.fromhex(record["source_path_hex"])) if record.get("source_path_hex")

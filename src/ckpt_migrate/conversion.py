@@ -18,9 +18,9 @@ from . import __version__
 from .atomic import PendingFile
 from .check import CheckSettings, logit_check, prepare_dtype, return_freed_memory
 from .convert import ConversionError, convert_state_dict
-from .detect import (CONVERTED_FORMAT, config_from_record, converted_config, find_state_dict,
-                     record_from_inspection, strip_prefixes)
-from .families import FAMILIES, GPTBatchedConfig
+from . import converted as converted_format
+from .detect import config_from_record, find_state_dict, record_from_inspection, strip_prefixes
+from .families import FAMILIES, GPTConfig
 from .fingerprint import converter_fingerprint
 from .loader import Checkpoint, CheckpointError, open_checkpoint
 from .models import GPTBatched, GPTFlexAttention
@@ -35,16 +35,16 @@ def load_source(path: str, overrides: dict | None = None) -> tuple[dict, Checkpo
     the state dict (optimizer state) stay TensorStubs: described, never read."""
     checkpoint = open_checkpoint(path)
     record = record_from_inspection(path, checkpoint.inspection, overrides)
-    if record["format"] not in ("small", "medium", CONVERTED_FORMAT):
+    if record["format"] not in ("small", "medium", converted_format.FORMAT):
         raise CheckpointError(f"{path}: {record['format']}: {record['reason']}")
     obj = checkpoint.inspection.obj
-    if record["format"] == CONVERTED_FORMAT:
+    if record["format"] == converted_format.FORMAT:
         return record, checkpoint, {k: checkpoint.tensor(v) for k, v in obj["model"].items()}
     state_dict, _ = find_state_dict(obj)
     return record, checkpoint, {strip_prefixes(k): checkpoint.tensor(v) for k, v in state_dict.items()}
 
 
-def build_model(cls, cfg: GPTBatchedConfig, state_dict: dict[str, torch.Tensor], **kwargs) -> torch.nn.Module:
+def build_model(cls, cfg: GPTConfig, state_dict: dict[str, torch.Tensor], **kwargs) -> torch.nn.Module:
     """Instantiate without allocating, then adopt the tensors as they are (dtypes kept), strictly.
 
     The meta device is passed to every constructor rather than set as a context: the context
@@ -61,28 +61,6 @@ def reference_model(record: dict, state_dict: dict[str, torch.Tensor]) -> torch.
         return build_model(GPTFlexAttention, cfg, state_dict, variant=record["variant"],
                            scalars_len=state_dict["scalars"].numel() if "scalars" in state_dict else None)
     return build_model(GPTBatched, cfg, state_dict, attention="flex")
-
-
-def converted_payload(record: dict, state_dict: dict[str, torch.Tensor], cfg: GPTBatchedConfig,
-                      had_optimizer: bool) -> dict:
-    """The self-describing converted file's content (loads with weights_only=True)."""
-    return {
-        "format": CONVERTED_FORMAT,
-        "model": state_dict,
-        "config": cfg.to_dict(),
-        "step": record.get("step"),
-        "source": {
-            "path": record["path"],
-            "size_bytes": record.get("size_bytes"),
-            "mtime": record.get("mtime"),
-            "format": record["format"],
-            "variant": record.get("variant", ""),
-        },
-        "converter_version": __version__,
-        "converter_fingerprint": converter_fingerprint(),
-        "optimizer_state": ("not carried (the source has optimizer state)" if had_optimizer
-                            else "not carried (the source has none)"),
-    }
 
 
 def _bytes_read() -> int | None:
@@ -140,7 +118,7 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
         return result
     # The output is written to a temporary file while the check runs (I/O beside compute), and
     # published by a rename only once the check has passed and the source is unchanged.
-    payload = converted_payload(record, converted, cfg, bool(record.get("has_optimizer_state")))
+    payload = converted_format.payload(record, converted, cfg, bool(record.get("has_optimizer_state")))
     pending = _BackgroundWrite(dst, payload, t0) if dst else None
     t2 = time.perf_counter()
     _progress("check", t0)
@@ -228,10 +206,10 @@ def check_file(path: str, settings: CheckSettings | None = None, source: str | N
     recorded inside the converted file is never followed on its own."""
     settings = settings or CheckSettings()
     record, checkpoint, state_dict = load_source(path)
-    if record["format"] == CONVERTED_FORMAT:
+    if record["format"] == converted_format.FORMAT:
         if source is None:
             raise CheckpointError(f"{path}: a converted file is checked against its source: pass the source file")
-        cfg = converted_config(checkpoint.inspection.obj)
+        cfg = converted_format.read_config(checkpoint.inspection.obj)
         src_record, _, src_sd = load_source(source)
         if src_record["format"] != cfg.family:
             raise CheckpointError(f"{source}: is {src_record['format']}, but {path} was converted from {cfg.family}")
@@ -251,8 +229,8 @@ def load_pretrained_checkpoint(path: str, device: str = "cpu", dtype: torch.dtyp
     soft-capped logits [B, T, padded_vocab]; ``info["format"]`` is "small" or "medium".
     """
     record, checkpoint, state_dict = load_source(path)
-    if record["format"] == CONVERTED_FORMAT:
-        cfg = converted_config(checkpoint.inspection.obj)
+    if record["format"] == converted_format.FORMAT:
+        cfg = converted_format.read_config(checkpoint.inspection.obj)
         fmt, variant = cfg.family, record.get("variant", "")
     else:
         cfg = config_from_record(record)
@@ -276,7 +254,7 @@ def load_pretrained_checkpoint(path: str, device: str = "cpu", dtype: torch.dtyp
         "step": record.get("step"),
         "config": cfg.to_dict(),
         "path": os.path.abspath(path),
-        "converted_file": record["format"] == CONVERTED_FORMAT,
+        "converted_file": record["format"] == converted_format.FORMAT,
         "label": FAMILIES[fmt].label,
     }
     log.info("Format: %s", info["label"])
