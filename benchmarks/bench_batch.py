@@ -74,12 +74,12 @@ import json, os, statistics, sys, time
 import torch
 from ckpt_migrate.atomic import PendingFile
 from ckpt_migrate.convert import convert_state_dict
-from ckpt_migrate.detect import config_from_record
+from ckpt_migrate.families import GPTConfig
 from ckpt_migrate.converted import payload as converted_payload
 from ckpt_migrate.conversion import load_source
 src, work, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 record, checkpoint, small = load_source(src, None)
-cfg = config_from_record(record)
+cfg = GPTConfig.from_record(record)
 payload = converted_payload(record, convert_state_dict(small, cfg), cfg, True)
 ours_path, plain_path = os.path.join(work, "ours.pt"), os.path.join(work, "plain.bin")
 def ours():

@@ -29,7 +29,7 @@ from ckpt_migrate.check import CheckSettings
 from ckpt_migrate.conversion import convert_file, load_source, reference_model, build_model
 from ckpt_migrate.models import GPTBatched
 from ckpt_migrate.convert import convert_state_dict
-from ckpt_migrate.detect import config_from_record
+from ckpt_migrate.families import GPTConfig
 from ckpt_migrate.check import random_tokens, no_tf32
 torch.cuda.init()
 t_import = time.perf_counter() - t0
@@ -38,7 +38,7 @@ r = convert_file(src, dst, CheckSettings(batch=batch, length=length, device="cud
 assert r["status"] == "converted", r
 # The check's GPU time alone: both forwards on weights already on the GPU.
 record, _, small = load_source(src)
-cfg = config_from_record(record)
+cfg = GPTConfig.from_record(record)
 ref = reference_model(record, small).cuda().float()
 cand = build_model(GPTBatched, cfg, convert_state_dict(small, cfg)).cuda().float()
 ids = random_tokens(cfg.vocab_size, batch, length, 1).cuda()[:, :-1]

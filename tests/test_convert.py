@@ -12,7 +12,7 @@ import torch
 from ckpt_migrate import load_pretrained_checkpoint, synthetic
 from ckpt_migrate.check import CheckSettings
 from ckpt_migrate.convert import ConversionError, UnmappedKeyError, convert_state_dict
-from ckpt_migrate.detect import config_from_record
+from ckpt_migrate.families import GPTConfig
 from ckpt_migrate.conversion import build_model, check_file, convert_file, load_source, reference_model
 from ckpt_migrate.models import GPTBatched
 from ckpt_migrate.check import logit_check
@@ -25,7 +25,7 @@ SETTINGS = CheckSettings(batch=2, length=512, seed=7)
 
 def _converted(path):
     record, _, small = load_source(path)
-    cfg = config_from_record(record)
+    cfg = GPTConfig.from_record(record)
     return record, small, cfg, convert_state_dict(small, cfg)
 
 

@@ -114,3 +114,49 @@ def test_damaged_state_dicts_are_unknown_naming_the_key(tmp_path, damage, named)
 def test_unexpected_wrapper_key_is_unknown(tmp_path):
     r = detect(write(tmp_path, "weird.pt", {"weights": synthetic.small_state_dict("v2", vocab=VOCAB)}))
     assert r["format"] == "unknown" and "no model state dict" in r["reason"] and "weights" in r["reason"]
+
+
+def _conforms(value, annotation) -> bool:
+    """Whether a manifest value has the type ManifestRecord declares (int counts as a float)."""
+    import types
+    import typing
+
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return any(_conforms(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def test_every_manifest_key_is_declared_with_its_type(small_v1_path, small_v2_path, medium_path, tmp_path):
+    """ManifestRecord is the one list of what a manifest holds: every key that detection writes,
+    for every kind of file, is declared there with the type it has."""
+    import typing
+
+    from ckpt_migrate.check import CheckSettings
+    from ckpt_migrate.conversion import convert_file
+    from ckpt_migrate.detect import ManifestRecord
+    from ckpt_migrate.pipeline import read_yaml, write_manifest
+
+    converted = str(tmp_path / "converted.pt")
+    assert convert_file(small_v2_path, converted, CheckSettings(length=64, device="cpu"))["status"] == "converted"
+    files = {"small v1": small_v1_path, "small v2": small_v2_path, "medium": medium_path, "converted": converted,
+             "unknown": write(tmp_path, "unknown.pt", {"x": 1})}
+    (tmp_path / "empty.pt").write_bytes(b"")
+    files["empty"] = str(tmp_path / "empty.pt")
+    (tmp_path / "unsafe.pt").write_bytes(b"\x80\x04cos\nsystem\n(S'true'\ntR.")
+    files["unsafe"] = str(tmp_path / "unsafe.pt")
+    declared = typing.get_type_hints(ManifestRecord)
+    formats = set()
+    for name, path in files.items():
+        record = write_manifest(path, name, str(tmp_path / f"{name}.yaml"))
+        assert read_yaml(str(tmp_path / f"{name}.yaml")) == record
+        formats.add(record["format"])
+        for key, value in record.items():
+            assert key in declared, f"{name}: {key} is not declared in ManifestRecord"
+            assert _conforms(value, declared[key]), f"{name}: {key}={value!r} is not {declared[key]}"
+    assert formats == {"small", "medium", "gptbatched", "unreadable", "unknown", "unsafe"}

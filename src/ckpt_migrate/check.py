@@ -121,7 +121,7 @@ def logit_check(reference: torch.nn.Module, candidate: torch.nn.Module, vocab_si
         for model in (reference, candidate):
             t0 = time.perf_counter()
             model.to(device)  # with memory-mapped weights this is also where they are read from disk
-            prepare_dtype(model, dtype)
+            model.compute_dtype = dtype  # weights stay as stored, cast at use (see _GPT)
             _sync(device)
             t1 = time.perf_counter()
             # One sequence at a time (attention's activations scale with T^2 per sequence), and the
@@ -165,13 +165,6 @@ def return_freed_memory() -> None:
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def prepare_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Compute in ``dtype``: fp32 runs every matmul in fp32 (weights are cast at use, the
-    parameters stay as stored, so no fp32 copy of the embedding tables is made); bf16 follows
-    the training-time flow (bf16 activations, weights cast to bf16 at use)."""
-    model.compute_dtype = dtype
 
 
 def _gpu_name() -> str:

@@ -16,10 +16,10 @@ import torch
 
 from . import __version__
 from .atomic import PendingFile
-from .check import CheckSettings, logit_check, prepare_dtype, return_freed_memory
+from .check import CheckSettings, logit_check, return_freed_memory
 from .convert import ConversionError, convert_state_dict
 from . import converted as converted_format
-from .detect import config_from_record, find_state_dict, record_from_inspection, strip_prefixes
+from .detect import ManifestRecord, find_state_dict, record_from_inspection, strip_prefixes
 from .families import FAMILIES, GPTConfig
 from .fingerprint import converter_fingerprint
 from .loader import Checkpoint, CheckpointError, open_checkpoint
@@ -28,7 +28,7 @@ from .models import GPTBatched, GPTFlexAttention
 log = logging.getLogger(__name__)
 
 
-def load_source(path: str, overrides: dict | None = None) -> tuple[dict, Checkpoint, dict[str, torch.Tensor]]:
+def load_source(path: str, overrides: dict | None = None) -> tuple[ManifestRecord, Checkpoint, dict[str, torch.Tensor]]:
     """(detection record, the read file, prefix-stripped state dict), memory-mapped.
 
     The record comes from the same read of the same open file as the tensors. Tensors outside
@@ -54,9 +54,9 @@ def build_model(cls, cfg: GPTConfig, state_dict: dict[str, torch.Tensor], **kwar
     return model.eval()
 
 
-def reference_model(record: dict, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+def reference_model(record: ManifestRecord, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The family's training-time forward in its original layout (flex attention)."""
-    cfg = config_from_record(record)
+    cfg = GPTConfig.from_record(record)
     if record["format"] == "small":
         return build_model(GPTFlexAttention, cfg, state_dict, variant=record["variant"],
                            scalars_len=state_dict["scalars"].numel() if "scalars" in state_dict else None)
@@ -109,7 +109,7 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
             raise CheckpointError(f"not a small checkpoint ({record['format']}: {record.get('reason', '')})")
         timings["load_s"] = time.perf_counter() - t0
         _progress("convert", t0)
-        cfg = config_from_record(record)
+        cfg = GPTConfig.from_record(record)
         t1 = time.perf_counter()
         converted = convert_state_dict(small, cfg)
         timings["convert_s"] = time.perf_counter() - t1
@@ -215,7 +215,7 @@ def check_file(path: str, settings: CheckSettings | None = None, source: str | N
             raise CheckpointError(f"{source}: is {src_record['format']}, but {path} was converted from {cfg.family}")
         reference, candidate = reference_model(src_record, src_sd), build_model(GPTBatched, cfg, state_dict)
     else:
-        cfg = config_from_record(record)
+        cfg = GPTConfig.from_record(record)
         reference = reference_model(record, state_dict)
         weights = convert_state_dict(state_dict, cfg) if record["format"] == "small" else state_dict
         candidate = build_model(GPTBatched, cfg, weights)
@@ -233,7 +233,7 @@ def load_pretrained_checkpoint(path: str, device: str = "cpu", dtype: torch.dtyp
         cfg = converted_format.read_config(checkpoint.inspection.obj)
         fmt, variant = cfg.family, record.get("variant", "")
     else:
-        cfg = config_from_record(record)
+        cfg = GPTConfig.from_record(record)
         fmt, variant = record["format"], record.get("variant", "")
         if fmt == "small":
             state_dict = convert_state_dict(state_dict, cfg)
@@ -247,7 +247,7 @@ def load_pretrained_checkpoint(path: str, device: str = "cpu", dtype: torch.dtyp
     else:
         model.embed.to(dtype)
         model.value_embeds.to(dtype)
-    prepare_dtype(model, dtype)
+    model.compute_dtype = dtype
     info = {
         "format": fmt,
         "variant": variant,

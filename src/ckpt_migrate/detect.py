@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from typing import Any, TypedDict
 
 from . import converted
 from .families import (
@@ -39,6 +39,67 @@ _STEP_IN_NAME = re.compile(r"(?:best_state|state_step|step)_?(\d+)")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d{1,6})\.")  # bounded: a huge index is just an unexpected key
 MAX_REASON = 300  # characters of a reason in a manifest or the report
 MAX_LISTED_TENSORS = 20_000  # a manifest lists at most this many tensors
+
+
+class ManifestRecord(TypedDict, total=False):
+    """What is known about one checkpoint file: detection writes it (its manifest), the plan, the
+    conversion and the report read it. Plain values only, so it always serializes. A test keeps
+    every key that detection writes declared here, with its type."""
+
+    # The file
+    path: str  # absolute path as given (odd bytes escaped for display)
+    realpath: str  # with links resolved
+    relative_path: str  # under input_root (set by the pipeline)
+    size_bytes: int
+    mtime: float
+    # The verdict
+    format: str  # small, medium, gptbatched, unknown, unreadable or unsafe
+    variant: str  # small: v1 (skip_weights) or v2 (packed scalars); else ""
+    status: str  # what the pipeline does with it: to_convert, not_needed, failed, unknown, unreadable, unsafe
+    reason: str  # one line: why not a family, why not convertible, what is malformed
+    convertible: bool  # small only: can its attention be packed into qkvo_w (hdim == model_dim)
+    notes: list  # lines for the report about values assumed
+    # The pickle
+    pickle_protocol: int
+    pickle_objects: list  # the classes and functions it names (the first 20)
+    wrapper: str  # where the state dict was: "model", "state_dict", ... or "(bare state dict)"
+    prefixes_stripped: list  # "_orig_mod.", "module." as found on its keys
+    has_code: bool  # the training script is stored beside the weights
+    has_optimizer_state: bool
+    # The model
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    hdim: int  # attention width, num_heads * head_dim
+    model_dim: int
+    mlp_dim: int
+    vocab_size: int  # embedding rows
+    padded_vocab: int  # lm-head rows
+    layers_without_attention: list
+    attn_layers: list  # converted files: the layers that have attention
+    num_value_embeds: int
+    params: int
+    weight_bytes: int
+    dtypes: dict  # dtype -> number of tensors
+    tensors: dict  # name -> {"shape": [...], "dtype": "..."} (the first MAX_LISTED_TENSORS)
+    direct_load: dict  # medium only: {"ok": bool, "problems": [...]} for GPTBatched's strict load
+    # Settings the forward needs, and where each came from
+    step: int | None
+    num_iterations: int | None
+    num_iterations_source: str  # config, code or none
+    long_window_blocks: int
+    window_source: str
+    eot_token: int | None
+    eot_token_source: str  # config, code, default or none
+    eot_source: str  # converted files: the same, as their config stores it
+    # Converted files
+    converted_from: str  # the family the weights came from
+    converter_version: str
+    # Who detected it (set by the pipeline)
+    detector_version: str
+    detector_fingerprint: str
+    overrides: dict  # eot_token / num_iterations as the run's config stated them
+    detected_on: dict  # host, SLURM job
 
 
 def strip_prefixes(key: str) -> str:
@@ -167,13 +228,13 @@ def step_from_name(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def detect(path: str, limits: ReaderLimits = DEFAULT_LIMITS, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def detect(path: str, limits: ReaderLimits = DEFAULT_LIMITS, overrides: dict[str, Any] | None = None) -> ManifestRecord:
     """Everything a manifest records about the checkpoint at ``path``; never raises for bad input."""
     return record_from_inspection(path, inspect_archive(path, limits), overrides)
 
 
 def record_from_inspection(path: str, inspection: ArchiveInspection,
-                           overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                           overrides: dict[str, Any] | None = None) -> ManifestRecord:
     """The manifest record of ``path`` from what the reader found in it.
 
     ``overrides`` (``eot_token``, ``num_iterations``) are what the user states for this run;
@@ -181,7 +242,7 @@ def record_from_inspection(path: str, inspection: ArchiveInspection,
 
     Values taken from inside the file are data: validated, bounded, and never allowed to set
     the record's own fields (path, status, ...)."""
-    record: dict[str, Any] = {"path": os.path.abspath(path), "realpath": os.path.realpath(path),
+    record: ManifestRecord = {"path": os.path.abspath(path), "realpath": os.path.realpath(path),
                               "format": "unknown", "variant": "", "reason": "", "status": ""}
     try:
         st = os.stat(path)
@@ -233,7 +294,7 @@ def record_from_inspection(path: str, inspection: ArchiveInspection,
             spec, record["step"], record["num_iterations"])
     if record["format"] == "medium":
         problems = shape_differences({k: tuple(v["shape"]) for k, v in record["tensors"].items()},
-                            gptbatched_expected_shapes(config_from_record(record)))
+                            gptbatched_expected_shapes(GPTConfig.from_record(record)))
         record["direct_load"] = {"ok": not problems, "problems": problems}
     record["status"] = status_for(record)
     return record
@@ -273,30 +334,10 @@ def _count_dtypes(state_dict: dict[str, TensorStub]) -> dict[str, int]:
     return counts
 
 
-def status_for(record: dict) -> str:
+def status_for(record: ManifestRecord) -> str:
     """Pipeline status before any conversion: what should happen to this file."""
     if record["format"] == "medium":
         return "not_needed"
     if record["format"] == "small":
         return "to_convert" if record.get("convertible") else "failed"
     return record.get("status") or "unknown"
-
-
-def config_from_record(record: dict) -> GPTConfig:
-    """The GPTBatched config for a detected small or medium checkpoint."""
-    return GPTConfig(
-        family=record["format"],
-        num_layers=record["num_layers"],
-        num_heads=record["num_heads"],
-        head_dim=record["head_dim"],
-        model_dim=record["model_dim"],
-        mlp_dim=record["mlp_dim"],
-        # GPTBatched keeps the source's embedding rows (small v2 pads them to 128).
-        vocab_size=record["vocab_size"],
-        padded_vocab=record["padded_vocab"],
-        attn_layers=[i for i in range(record["num_layers"]) if i not in record["layers_without_attention"]],
-        long_window_blocks=record["long_window_blocks"],
-        window_source=record.get("window_source", ""),
-        eot_token=record.get("eot_token", EOT_TOKEN),
-        eot_source=record.get("eot_token_source", ""),
-    )

@@ -116,6 +116,26 @@ class GPTConfig:
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
 
+    @classmethod
+    def from_record(cls, record: dict) -> "GPTConfig":
+        """The config of a checkpoint that detection found small or medium (its ManifestRecord)."""
+        return cls(
+            family=record["format"],
+            num_layers=record["num_layers"],
+            num_heads=record["num_heads"],
+            head_dim=record["head_dim"],
+            model_dim=record["model_dim"],
+            mlp_dim=record["mlp_dim"],
+            # GPTBatched keeps the source's embedding rows (small v2 pads them to 128).
+            vocab_size=record["vocab_size"],
+            padded_vocab=record["padded_vocab"],
+            attn_layers=[i for i in range(record["num_layers"]) if i not in record["layers_without_attention"]],
+            long_window_blocks=record["long_window_blocks"],
+            window_source=record.get("window_source", ""),
+            eot_token=record.get("eot_token", EOT_TOKEN),
+            eot_source=record.get("eot_token_source", ""),
+        )
+
     @property
     def family_spec(self) -> Family:
         return FAMILIES[self.family]

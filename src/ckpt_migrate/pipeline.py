@@ -30,6 +30,7 @@ import yaml
 
 from . import __version__
 from .atomic import atomic_write_text, sha256_file
+from .detect import ManifestRecord
 from .isolate import DEFAULT_MEMORY_MB, DEFAULT_SECONDS, detect_isolated, display_path
 from .metrics import CHECK_FIELDS
 from .safe_pickle import one_line
@@ -200,7 +201,7 @@ def checkpoint_sources(input_root: str, pattern: str) -> dict[str, str]:
 
 
 def write_manifest(src: str, relative_path: str, manifest_path: str, seconds: float = DEFAULT_SECONDS,
-                   memory_mb: int = DEFAULT_MEMORY_MB, overrides: dict | None = None) -> dict:
+                   memory_mb: int = DEFAULT_MEMORY_MB, overrides: dict | None = None) -> ManifestRecord:
     """Detect the format of ``src`` (in a child, within budget) and write its manifest.
 
     Bad files give a manifest, not an error; the record holds only plain values (it went
@@ -217,7 +218,7 @@ def write_manifest(src: str, relative_path: str, manifest_path: str, seconds: fl
     return record
 
 
-def _still_current(manifest_path: str, identity: dict) -> dict | None:
+def _still_current(manifest_path: str, identity: dict) -> ManifestRecord | None:
     """The manifest, if it describes the file as ``identity`` says it is now (size, mtime, detector, overrides)."""
     try:
         record = read_yaml(manifest_path)
@@ -541,7 +542,7 @@ def _seconds(text: str) -> float:
         return float(text or "nan")
 
 
-def report_row(manifest: dict, check: dict | None) -> dict:
+def report_row(manifest: ManifestRecord, check: dict | None) -> dict:
     """One report row from a manifest and, for small files, its check record."""
     rel = manifest.get("relative_path", "")
     lang, run = lang_and_run(rel)
