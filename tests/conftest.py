@@ -10,7 +10,8 @@ import torch
 
 from ckpt_migrate import synthetic
 
-VOCAB = 1000  # tiny, but not a multiple of 128, so vocab padding is exercised
+from .builders import VOCAB  # noqa: F401 (the tests import it from here)
+
 EARLY_STEP = 100  # of 1000: long window 2 blocks, short 1 block, so windows bite at 512 tokens
 
 

@@ -15,6 +15,7 @@ import torch
 from ckpt_migrate import load_pretrained_checkpoint, synthetic
 from ckpt_migrate.pipeline import read_report
 
+from .builders import build_tree, medium_checkpoint, small_checkpoint
 from .conftest import VOCAB
 from .pipeline_helpers import REPO, SNAKEMAKE, job_counts, make_read_only, make_writable, snakemake, tree_state
 
@@ -22,35 +23,18 @@ pytestmark = pytest.mark.e2e  # runs Snakemake or SLURM as programs: `pytest -m 
 
 
 
-def _small(path, variant="v2", seed=0, step=100, **kw):
-    sd = synthetic.small_state_dict(variant, vocab=VOCAB, seed=seed)
-    return synthetic.save(synthetic.upstream_checkpoint(sd, "small", step=step, **kw), path)
-
-
-def _medium(path, seed=0):
-    sd = synthetic.medium_state_dict(vocab=VOCAB, seed=seed)
-    return synthetic.save(synthetic.upstream_checkpoint(sd, "medium", step=100), path)
-
-
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     """A clean_bbpe_50k-like tree: 3 small (v1 and v2), 1 medium, and one of each bad kind."""
-    root = tmp_path_factory.mktemp("scratch") / "clean_bbpe_50k"
-    _small(root / "eng_spa_owt_run_1/best_state_100.pt", "v2", seed=1)
-    _small(root / "eng_spa_owt_run_2/best_state_200.pt", "v1", seed=2, step=200)
-    _small(root / "rus_pol_owt_run_1/best_state_100.pt", "v2", seed=3)
-    _medium(root / "hin_urd_owt_run_1/best_state_100.pt", seed=4)
-    (root / "tam_mal_owt_run_1").mkdir()
-    (root / "tam_mal_owt_run_1/best_state_50.pt").write_bytes(b"")  # unreadable
-    synthetic.save({"model": {"embed.weight": torch.zeros(2, 2)}, "x": _Payload()},
-                   str(root / "tam_mal_owt_run_2/best_state_60.pt"))  # unsafe
-    synthetic.save({"model": {"w": torch.zeros(2)}}, str(root / "tam_mal_owt_run_3/best_state_70.pt"))  # unknown
-    return root
-
-
-class _Payload:
-    def __reduce__(self):
-        return os.system, ("touch /tmp/ckpt_migrate_PWNED",)
+    return build_tree(tmp_path_factory.mktemp("scratch") / "clean_bbpe_50k", {
+        "eng_spa_owt_run_1/best_state_100.pt": "small v2",
+        "eng_spa_owt_run_2/best_state_200.pt": "small v1",
+        "rus_pol_owt_run_1/best_state_100.pt": "small v2",
+        "hin_urd_owt_run_1/best_state_100.pt": "medium",
+        "tam_mal_owt_run_1/best_state_50.pt": "empty",
+        "tam_mal_owt_run_2/best_state_60.pt": "hostile",
+        "tam_mal_owt_run_3/best_state_70.pt": "no known layout",
+    })
 
 
 EXPECTED = {
@@ -151,12 +135,12 @@ def test_missing_input_root_is_one_clear_line(tmp_path):
 
 def test_incremental_new_run_replaced_file_and_file_completed_later(tmp_path):
     root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
-    _small(root / "eng_spa_owt_run_1/best_state_100.pt", seed=1)
-    _medium(root / "hin_urd_owt_run_1/best_state_100.pt", seed=2)
+    small_checkpoint(root / "eng_spa_owt_run_1/best_state_100.pt", seed=1)
+    medium_checkpoint(root / "hin_urd_owt_run_1/best_state_100.pt", seed=2)
     # A checkpoint still being written: a prefix of the real file.
     partial = root / "rus_pol_owt_run_1/best_state_100.pt"
     whole = tmp_path / "whole.pt"
-    _small(whole, seed=3)
+    small_checkpoint(whole, seed=3)
     partial.parent.mkdir(parents=True)
     partial.write_bytes(whole.read_bytes()[:100000])
     proc = snakemake(str(root), str(out))
@@ -165,7 +149,7 @@ def test_incremental_new_run_replaced_file_and_file_completed_later(tmp_path):
     assert statuses["rus_pol_owt_run_1/best_state_100.pt"] == "unreadable"
 
     # A new run directory lands: only its detection and conversion, plus plan/report/gate.
-    _small(root / "eng_spa_owt_run_2/best_state_100.pt", seed=4)
+    small_checkpoint(root / "eng_spa_owt_run_2/best_state_100.pt", seed=4)
     proc = snakemake(str(root), str(out))
     assert proc.returncode == 0
     assert job_counts(proc.stdout + proc.stderr) == {"all": 1, "convert": 1, "convert_batch": 1, "gate": 1,
@@ -184,7 +168,7 @@ def test_incremental_new_run_replaced_file_and_file_completed_later(tmp_path):
     # A replaced checkpoint (new mtime, new weights) is redone, and the output follows it.
     first = root / "eng_spa_owt_run_1/best_state_100.pt"
     old_sha = {r["relative_path"]: r["converted_sha256"] for r in read_report(str(out / "report.csv"))}
-    _small(first, seed=99)
+    small_checkpoint(first, seed=99)
     proc = snakemake(str(root), str(out))
     counts = job_counts(proc.stdout + proc.stderr)
     assert counts.get("plan") == 1 and counts.get("convert") == 1 and counts.get("convert_batch") == 1, \
@@ -203,7 +187,7 @@ def _last_plan_line(out) -> str:
 
 def test_failed_check_writes_report_then_exits_nonzero(tmp_path):
     root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
-    _small(root / "eng_spa_owt_run_1/best_state_100.pt", seed=1)
+    small_checkpoint(root / "eng_spa_owt_run_1/best_state_100.pt", seed=1)
     sd = synthetic.small_state_dict("v2", vocab=VOCAB, seed=2)
     sd["blocks.2.mlp.c_fc.weight"][3, 3] = float("inf")
     synthetic.save(synthetic.upstream_checkpoint(sd, "small", step=100), str(root / "eng_spa_owt_run_2/best_state_100.pt"))
@@ -243,7 +227,7 @@ def test_outputs_honour_the_umask(tmp_path, umask):
 
 def test_output_inside_the_input_tree_is_refused(tmp_path):
     root = tmp_path / "clean_bbpe_50k"
-    _small(root / "eng_spa_owt_run_1/best_state_100.pt", seed=1)
+    small_checkpoint(root / "eng_spa_owt_run_1/best_state_100.pt", seed=1)
     before = tree_state(str(root))
     proc = snakemake(str(root), str(root / "results"))
     text = proc.stdout + proc.stderr
@@ -253,7 +237,7 @@ def test_output_inside_the_input_tree_is_refused(tmp_path):
 
 def test_every_match_keeps_its_row_when_names_collide(tmp_path):
     root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
-    _small(root / "eng_spa_owt_run_1/best_state_100.pt", seed=1)
+    small_checkpoint(root / "eng_spa_owt_run_1/best_state_100.pt", seed=1)
     shutil.copyfile(root / "eng_spa_owt_run_1/best_state_100.pt", root / "eng_spa_owt_run_1/best_state_100")
     proc = snakemake(str(root), str(out), config={"glob": "*/best_state_*", "check": "{length: 128}"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -268,8 +252,8 @@ def test_plan_batches_new_files_and_keeps_unchanged_ones_where_they_were(tmp_pat
 
     root, layout = tmp_path / "clean_bbpe_50k", OutputLayout(str(tmp_path / "out"))
     for i in range(5):
-        _small(root / f"eng_spa_owt_run_{i}/best_state_100.pt", seed=i)
-    _medium(root / "hin_urd_owt_run_0/best_state_100.pt")
+        small_checkpoint(root / f"eng_spa_owt_run_{i}/best_state_100.pt", seed=i)
+    medium_checkpoint(root / "hin_urd_owt_run_0/best_state_100.pt")
 
     def plan():
         sources = checkpoint_sources(str(root), "*_owt_run_*/best_state_*.pt")
@@ -290,9 +274,9 @@ def test_plan_batches_new_files_and_keeps_unchanged_ones_where_they_were(tmp_pat
 
     for key in batch_of:  # their conversions finished
         write_yaml(layout.check(key), {"status": "converted"})
-    _small(root / "eng_spa_owt_run_5/best_state_100.pt", seed=5)
+    small_checkpoint(root / "eng_spa_owt_run_5/best_state_100.pt", seed=5)
     time.sleep(0.01)
-    _small(root / "eng_spa_owt_run_0/best_state_100.pt", seed=50)  # replaced: new mtime and bytes
+    small_checkpoint(root / "eng_spa_owt_run_0/best_state_100.pt", seed=50)  # replaced: new mtime and bytes
     second = plan()
     moved = {k: b for b, members in second.items() for k in members}
     assert {k: moved[k] for k in batch_of if k != "eng_spa_owt_run_0/best_state_100"} == \

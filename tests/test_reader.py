@@ -26,6 +26,7 @@ from ckpt_migrate.loader import open_checkpoint
 from ckpt_migrate.conversion import convert_file, load_pretrained_checkpoint
 from ckpt_migrate.safe_pickle import ReaderLimits, inspect_archive, inspect_file
 
+from .builders import OverridingDict
 from .conftest import VOCAB
 
 MARKER = "/tmp/ckpt_migrate_reader_PWNED"
@@ -115,17 +116,10 @@ def test_absurd_numbers_are_unreadable(tmp_path, pkl, words):
     assert record["format"] == "unreadable" and words in record["reason"], record
 
 
-class _OverridingDict(collections.OrderedDict):
-    """Pickles as OrderedDict plus a BUILD whose state would replace the dict's own methods."""
-
-    def __reduce__(self):
-        return collections.OrderedDict, (), {"keys": 1, "items": 2, "get": 3}, None, iter(self.items())
-
-
 def test_build_that_replaces_dict_methods_is_harmless(tmp_path):
     sd = synthetic.small_state_dict("v2", vocab=VOCAB, seed=7)
     obj = synthetic.upstream_checkpoint(sd, "small", step=100)
-    obj["model"] = _OverridingDict(obj["model"])
+    obj["model"] = OverridingDict(obj["model"])
     torch.save(obj, tmp_path / "b.pt")
     assert _verdict(tmp_path / "b.pt")["status"] == "to_convert"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import functools
 import os
 import shutil
@@ -24,20 +23,11 @@ from ckpt_migrate.check import CheckSettings
 from ckpt_migrate.conversion import convert_file
 from ckpt_migrate.pipeline import read_report, verify_outputs
 
+from .builders import Call, OverridingDict, TrainConfig
 from .conftest import VOCAB
 from .pipeline_helpers import REPO, SNAKEMAKE, job_counts, make_read_only, make_writable, snakemake, tree_state
 
 MARKER = "/tmp/ckpt_migrate_reliability_PWNED"
-
-
-class _Call:
-    """Pickles as ``func(*args)``."""
-
-    def __init__(self, func, *args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return self.func, self.args
 
 
 def _hostile(payload):
@@ -67,21 +57,6 @@ def _small_ckpt(mutate=None, variant="v2", code_extra="", optimizers=True, proto
             obj["model"] = wrap_model(obj["model"])
         torch.save(obj, path, pickle_protocol=protocol)
     return build
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """A training script's config object, saved into its checkpoint."""
-
-    lr: float = 0.02
-    batch: int = 8
-
-
-class _OverridingDict(collections.OrderedDict):
-    """Pickles as an OrderedDict whose BUILD state would replace the dict's own methods."""
-
-    def __reduce__(self):
-        return collections.OrderedDict, (), {"keys": 1, "items": 2}, None, iter(self.items())
 
 
 def _real_world_objects() -> dict:
@@ -117,7 +92,7 @@ def _symlink_to_fifo(path):
 
 
 def _legacy_with_payload(path):
-    torch.save({"model": {"w": torch.zeros(2)}, "x": _Call(os.system, marker_cmd)}, path,
+    torch.save({"model": {"w": torch.zeros(2)}, "x": Call(os.system, marker_cmd)}, path,
                _use_new_zipfile_serialization=False)
 
 
@@ -226,16 +201,16 @@ CATALOGUE = [
     ("directory", lambda p: os.mkdir(p), "unreadable", "is a directory"),
     ("broken_symlink", lambda p: os.symlink("/nonexistent/best_state_1.pt", p), "unreadable", "broken symlink"),
     # --- hostile pickles: refused, the global named, never run
-    ("os_system", _hostile(_Call(os.system, marker_cmd)), "unsafe", "system"),
-    ("subprocess_popen", _hostile(_Call(subprocess.Popen, ["touch", MARKER])), "unsafe", "subprocess.Popen"),
-    ("builtins_eval", _hostile(_Call(eval, f"open({MARKER!r}, 'w')")), "unsafe", "builtins.eval"),
-    ("builtins_exec", _hostile(_Call(exec, f"open({MARKER!r}, 'w')")), "unsafe", "builtins.exec"),
-    ("builtins_getattr", _hostile(_Call(getattr, _Call(__import__, "os"), "system")), "unsafe", "builtins.__import__"),
-    ("builtins_import", _hostile(_Call(__import__, "os")), "unsafe", "builtins.__import__"),
+    ("os_system", _hostile(Call(os.system, marker_cmd)), "unsafe", "system"),
+    ("subprocess_popen", _hostile(Call(subprocess.Popen, ["touch", MARKER])), "unsafe", "subprocess.Popen"),
+    ("builtins_eval", _hostile(Call(eval, f"open({MARKER!r}, 'w')")), "unsafe", "builtins.eval"),
+    ("builtins_exec", _hostile(Call(exec, f"open({MARKER!r}, 'w')")), "unsafe", "builtins.exec"),
+    ("builtins_getattr", _hostile(Call(getattr, Call(__import__, "os"), "system")), "unsafe", "builtins.__import__"),
+    ("builtins_import", _hostile(Call(__import__, "os")), "unsafe", "builtins.__import__"),
     ("posix_system", _raw_pickle(b"cposix\nsystem\n(V" + marker_cmd.encode() + b"\ntR."), "unsafe", "posix.system"),
     ("python2_builtin_eval", _raw_pickle(b"c__builtin__\neval\n(V1\ntR."), "unsafe", "builtins.eval"),
-    ("torch_non_rebuild", _hostile(_Call(torch.load, MARKER)), "unsafe", "torch.serialization.load"),
-    ("functools_partial", _hostile(_Call(functools.partial(os.system, marker_cmd))), "unsafe", "functools.partial"),
+    ("torch_non_rebuild", _hostile(Call(torch.load, MARKER)), "unsafe", "torch.serialization.load"),
+    ("functools_partial", _hostile(Call(functools.partial(os.system, marker_cmd))), "unsafe", "functools.partial"),
     ("operator_attrgetter", _raw_pickle(b"\x80\x02c_operator\nattrgetter\nX\x06\x00\x00\x00system\x85R."),
      "unsafe", "_operator.attrgetter"),
     ("reduce_chain_via_allowed_name",
@@ -291,7 +266,7 @@ CATALOGUE = [
     ("newline_in_key", _small_ckpt(_set("blocks.0.x\nneeds a person:\n  converted: forged", torch.zeros(1))),
      "unknown", "unexpected"),
     ("blank_lines_before_code", _small_ckpt(code_prefix="\n" * 1_000_000 + " " * 1_000_000), "converted", ""),
-    ("build_replaces_dict_methods", _small_ckpt(wrap_model=_OverridingDict), "converted", ""),
+    ("build_replaces_dict_methods", _small_ckpt(wrap_model=OverridingDict), "converted", ""),
     ("protocol_0", _small_ckpt(protocol=0), "converted", ""),
     ("protocol_1", _small_ckpt(protocol=1), "converted", ""),
     ("protocol_4", _small_ckpt(protocol=4), "converted", ""),

@@ -9,41 +9,30 @@ import re
 import subprocess
 
 import pytest
-import torch
 
-from ckpt_migrate import synthetic
 from ckpt_migrate.pipeline import read_report, summarize
 
-from .conftest import VOCAB
+from .builders import build_tree
 from .pipeline_helpers import REPO, SNAKEMAKE, snakemake
 
 DATA_URI = re.compile(r"data:([\w/+.-]+)(?:;[\w=.-]+)*;base64,([A-Za-z0-9+/=]+)")
 
 
-class _Payload:
-    def __reduce__(self):
-        return os.system, ("true",)
-
-
-def _tree(root):
-    for i, variant in enumerate(("v1", "v2")):
-        sd = synthetic.small_state_dict(variant, vocab=VOCAB, seed=i)
-        synthetic.save(synthetic.upstream_checkpoint(sd, "small", step=100), str(root / f"eng_spa_owt_run_{i}/best_state_100.pt"))
-    synthetic.save(synthetic.upstream_checkpoint(synthetic.medium_state_dict(vocab=VOCAB), "medium", step=100),
-                   str(root / "hin_urd_owt_run_1/best_state_100.pt"))
-    bad = synthetic.small_state_dict("v2", vocab=VOCAB, seed=5)
-    bad["blocks.1.mlp.c_fc.weight"][0, 0] = float("nan")
-    synthetic.save(synthetic.upstream_checkpoint(bad, "small", step=100), str(root / "rus_pol_owt_run_1/best_state_100.pt"))
-    synthetic.save({"model": {"w": torch.zeros(3)}}, str(root / "rus_pol_owt_run_2/best_state_100.pt"))
-    synthetic.save({"model": {"embed.weight": torch.zeros(1)}, "p": _Payload()}, str(root / "tam_mal_owt_run_1/best_state_100.pt"))
-    (root / "tam_mal_owt_run_2").mkdir()
-    (root / "tam_mal_owt_run_2/best_state_100.pt").write_bytes(b"PK\x03\x04 cut short")
+TREE = {
+    "eng_spa_owt_run_0/best_state_100.pt": "small v1",
+    "eng_spa_owt_run_1/best_state_100.pt": "small v2",
+    "hin_urd_owt_run_1/best_state_100.pt": "medium",
+    "rus_pol_owt_run_1/best_state_100.pt": "small v2 with NaN",
+    "rus_pol_owt_run_2/best_state_100.pt": "no known layout",
+    "tam_mal_owt_run_1/best_state_100.pt": "hostile",
+    "tam_mal_owt_run_2/best_state_100.pt": "truncated zip",
+}
 
 
 @pytest.mark.e2e
 def test_html_report_holds_table_figures_and_every_reason(tmp_path):
     root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
-    _tree(root)
+    build_tree(root, TREE)
     run = snakemake(str(root), str(out), config={"allow_check_failures": "True"})
     assert run.returncode == 0, run.stderr[-3000:]
     page = tmp_path / "report.html"
@@ -103,10 +92,7 @@ def test_report_rereads_only_the_records_that_changed(tmp_path, monkeypatch):
     from ckpt_migrate import pipeline
 
     root, layout = tmp_path / "clean_bbpe_50k", pipeline.OutputLayout(str(tmp_path / "out"))
-    small = root / "eng_spa_owt_run_1/best_state_100.pt"
-    synthetic.save(synthetic.upstream_checkpoint(synthetic.small_state_dict("v2", vocab=VOCAB), "small"), str(small))
-    synthetic.save(synthetic.upstream_checkpoint(synthetic.medium_state_dict(vocab=VOCAB), "medium"),
-                   str(root / "hin_urd_owt_run_1/best_state_100.pt"))
+    build_tree(root, {"eng_spa_owt_run_1/best_state_100.pt": "small v2", "hin_urd_owt_run_1/best_state_100.pt": "medium"})
     sources = pipeline.checkpoint_sources(str(root), "*_owt_run_*/best_state_*.pt")
     pipeline.detect_and_plan(sources, {k: os.path.relpath(p, root) for k, p in sources.items()}, layout)
     rows = {r["relative_path"]: r["status"] for r in pipeline.write_report(layout)}

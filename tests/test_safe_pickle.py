@@ -14,6 +14,8 @@ import torch
 from ckpt_migrate.detect import detect
 from ckpt_migrate.safe_pickle import TensorStub, inspect_archive
 
+from .builders import Call, hostile_checkpoint
+
 
 def test_tensors_come_back_as_stubs_without_reading_bytes(small_v2_path):
     found = inspect_archive(small_v2_path)
@@ -36,39 +38,24 @@ def test_detection_does_not_import_torch(small_v2_path, python):
     assert out.stdout.split() == ["small", "False"]
 
 
-class _Payload:
-    """Pickles as a call of ``func(*args)``: what a hostile checkpoint does."""
-
-    def __init__(self, func, args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return self.func, self.args
-
-
-def _hostile_checkpoint(path, payload) -> str:
-    torch.save({"model": {"embed.weight": torch.zeros(2, 2)}, "x": payload}, path)
-    return str(path)
-
-
 def _marker_cmd(marker) -> str:
     return f"touch {marker}"
 
 
 HOSTILE = {
-    "os.system": lambda m: _Payload(os.system, (_marker_cmd(m),)),
-    "subprocess.Popen": lambda m: _Payload(subprocess.Popen, (["touch", str(m)],)),
-    "builtins.eval": lambda m: _Payload(eval, (f"open({str(m)!r}, 'w')",)),
-    "builtins.exec": lambda m: _Payload(exec, (f"open({str(m)!r}, 'w')",)),
-    "builtins.getattr": lambda m: _Payload(getattr, (_Payload(__import__, ("os",)), "system")),
-    "torch.load": lambda m: _Payload(torch.load, (str(m),)),
+    "os.system": lambda m: Call(os.system, _marker_cmd(m)),
+    "subprocess.Popen": lambda m: Call(subprocess.Popen, ["touch", str(m)]),
+    "builtins.eval": lambda m: Call(eval, f"open({str(m)!r}, 'w')"),
+    "builtins.exec": lambda m: Call(exec, f"open({str(m)!r}, 'w')"),
+    "builtins.getattr": lambda m: Call(getattr, Call(__import__, "os"), "system"),
+    "torch.load": lambda m: Call(torch.load, str(m)),
 }
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_global_is_refused_and_never_runs(tmp_path, name):
     marker = tmp_path / "PWNED"
-    path = _hostile_checkpoint(tmp_path / "evil.pt", HOSTILE[name](marker))
+    path = hostile_checkpoint(tmp_path / "evil.pt", HOSTILE[name](marker))
     found = inspect_archive(path)
     record = detect(path)
     assert found.status == "unsafe" and record["status"] == "unsafe"
@@ -103,7 +90,7 @@ def test_reduce_chain_through_allowed_names_cannot_build_a_callable(tmp_path):
 
 def test_stack_global_with_unicode_names_is_refused(tmp_path):
     buf = io.BytesIO()
-    pickle.Pickler(buf, protocol=4).dump(_Payload(os.system, ("true",)))
+    pickle.Pickler(buf, protocol=4).dump(Call(os.system, "true"))
     found = inspect_archive(_zip_with_pickle(tmp_path / "sg.pt", buf.getvalue()))
     assert found.status == "unsafe"
 

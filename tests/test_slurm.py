@@ -16,11 +16,10 @@ import zipfile
 import pytest
 import yaml
 
-from ckpt_migrate import synthetic
 from ckpt_migrate.metrics import CHECK_FIELDS
 from ckpt_migrate.pipeline import read_report
 
-from .conftest import VOCAB
+from .builders import build_tree
 from .pipeline_helpers import REPO, SNAKEMAKE, job_counts, snakemake
 
 pytestmark = pytest.mark.e2e  # runs Snakemake or SLURM as programs: `pytest -m "not e2e"` leaves it out
@@ -39,17 +38,12 @@ def slurm_snakemake(env: dict, input_root, output_root, *extra, check_length=512
     return subprocess.run(cmd, timeout=600, **kwargs)
 
 
-def _tree(root, n_small=4, n_medium=2, model_dim=128):
-    for i in range(n_small):
-        lang = ("eng_spa", "rus_pol")[i % 2]
-        sd = synthetic.small_state_dict(("v1", "v2")[i % 2], vocab=VOCAB, seed=i, model_dim=model_dim,
-                                        num_heads=model_dim // 128)
-        synthetic.save(synthetic.upstream_checkpoint(sd, "small", step=100),
-                       str(root / f"{lang}_owt_run_{i}/best_state_100.pt"))
-    for i in range(n_medium):
-        sd = synthetic.medium_state_dict(vocab=VOCAB, seed=10 + i)
-        synthetic.save(synthetic.upstream_checkpoint(sd, "medium", step=100),
-                       str(root / f"hin_urd_owt_run_{i}/best_state_100.pt"))
+def _tree(root, n_small=4, n_medium=2):
+    """Small files (v1 and v2 in turn, two language pairs) and medium files."""
+    files = {f"{('eng_spa', 'rus_pol')[i % 2]}_owt_run_{i}/best_state_100.pt": ("small v1", "small v2")[i % 2]
+             for i in range(n_small)}
+    files.update({f"hin_urd_owt_run_{i}/best_state_100.pt": "medium" for i in range(n_medium)})
+    return build_tree(root, files)
 
 
 def _records(folder):

@@ -1,4 +1,4 @@
-"""File-level operations: load a checkpoint safely, build its models, convert, check, load for use.
+"""One checkpoint file at a time: converted and checked against its own model, checked, or loaded for use.
 
 Every file is read by one reader (:mod:`ckpt_migrate.safe_pickle`, no code runs) and its
 tensors are memory-mapped at the offsets that reader validated (:mod:`ckpt_migrate.loader`),

@@ -1,17 +1,12 @@
-"""What the Snakemake jobs do, one function per job (the workflow's scripts call these).
+"""What the workflow's jobs do, behind its one-call scripts: the run over the whole tree.
 
-- :func:`detect_and_plan`: detection of every new or changed file in one process (each in a
-  budgeted child, no torch) -> ``manifests/<rel>.yaml`` and ``plan.tsv``: the files to convert,
-  in batches (an unchanged file keeps its batch, so its finished conversion stands).
-- :func:`run_batch`: one conversion job, every small file of a batch in one process ->
-  ``converted/<rel>.pt`` (only if the check passes) and ``staged/<rel>.yaml`` (always: a failed
-  check is a record, not a failed job), each written as its file is done.
-- :func:`write_report`: plan + manifests + check records -> ``report.csv``;
-  :func:`report_after_failure` the same after a failed job; :func:`summarize` the
-  end-of-run summary; :func:`check_gate` the non-zero exit after a failed check;
-  :func:`verify_outputs` the later re-verification of converted files.
-
-Every output is written atomically; nothing is ever written under the input root.
+A run detects every new or changed file (each in a budgeted child, no torch, all in one job),
+plans which small files to convert and in which batches, converts a batch in one process
+writing each file's record the moment it is done, and reports every matched path, also after a
+failed or killed job. Each job's inputs and outputs sit in one :class:`OutputLayout` under
+``output_root``; every output is written atomically, and nothing is ever written under the input
+root. A rerun reuses what still describes a file as it is now (its size, mtime, the code's
+fingerprint, the run's settings) and redoes only the rest.
 """
 
 from __future__ import annotations

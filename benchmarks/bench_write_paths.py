@@ -1,0 +1,63 @@
+"""Where the converted file's write spends its time (issue 12): the same payload written as raw
+bytes, by torch.save to a buffered file object, by torch.save to a path (torch's own C++ writer),
+and through PendingFile.write_with (torch.save into the hashing writer), each with fsync.
+
+    PYTHONPATH=src python3 benchmarks/bench_write_paths.py --dir /tmp/bench --work /tmp/bw --runs 5
+"""
+import argparse, json, os, statistics, sys, time
+
+import torch
+
+from ckpt_migrate.atomic import PendingFile
+from ckpt_migrate.convert import convert_state_dict
+from ckpt_migrate.converted import payload as converted_payload
+from ckpt_migrate.conversion import load_source
+from ckpt_migrate.families import GPTConfig
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    os.makedirs(a.work, exist_ok=True)
+    src = os.path.join(a.dir, "eng_spa_owt_run_1", "best_state_1770.pt")
+    record, checkpoint, small = load_source(src, None)
+    cfg = GPTConfig.from_record(record)
+    payload = converted_payload(record, {k: v.clone() for k, v in convert_state_dict(small, cfg).items()}, cfg, True)
+    target = os.path.join(a.work, "out.pt")
+
+    def raw():
+        with open(target, "wb") as f:
+            f.write(data); f.flush(); os.fsync(f.fileno())
+
+    def save_fileobj():
+        with open(target, "wb") as f:
+            torch.save(payload, f); f.flush(); os.fsync(f.fileno())
+
+    def save_path():
+        torch.save(payload, target)
+        fd = os.open(target, os.O_RDONLY); os.fsync(fd); os.close(fd)
+
+    def ours():
+        p = PendingFile(target); p.write_with(lambda f: torch.save(payload, f)); p.commit()
+
+    save_fileobj()
+    data = open(target, "rb").read()
+    times = {name: [] for name in ("raw", "save_fileobj", "save_path", "ours")}
+    for _ in range(a.runs):
+        for name, fn in (("raw", raw), ("save_fileobj", save_fileobj), ("save_path", save_path), ("ours", ours)):
+            os.path.exists(target) and os.unlink(target)
+            t = time.perf_counter(); fn(); times[name].append(time.perf_counter() - t)
+    med = {k: round(statistics.median(v), 3) for k, v in times.items()}
+    out = {"bytes": len(data), "median_s": med, "over_raw": {k: round(v / med["raw"], 2) for k, v in med.items()},
+           "runs": times}
+    print(json.dumps({"bytes": len(data), "median_s": med, "over_raw": out["over_raw"]}))
+    if a.out:
+        json.dump(out, open(a.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
