@@ -22,8 +22,8 @@ include: "workflow/rules/report.smk"
 
 rule all:
     input:
-        report_gate_flag(),
-        report_figures(),
+        LAYOUT.report_ok,
+        LAYOUT.figures.values(),
 
 
 onsuccess:

@@ -251,8 +251,10 @@ def storage_findings(config: dict) -> list[Finding]:
 
 def _bytes_needed(out: str, matches: list[str]) -> tuple[int, str]:
     """Model-weight bytes of the small files still to convert: from manifests, else file sizes (an upper bound)."""
+    from .pipeline import OutputLayout
+
     manifests: dict[str, dict] = {}
-    for folder, _, files in os.walk(os.path.join(out, "manifests")):
+    for folder, _, files in os.walk(OutputLayout(out).manifests_dir):
         for name in files:
             if name.endswith(".yaml") and not name.startswith("."):
                 with open(os.path.join(folder, name)) as f:

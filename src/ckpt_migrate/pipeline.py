@@ -118,16 +118,31 @@ class OutputLayout:
 
     def __init__(self, root: str):
         self.root = root
-        self.report = f"{root}/report.csv"
-        self.report_index = f"{root}/.report_index.json"  # the rows of report.csv and what each was read from
-        self.plan = f"{root}/plan.tsv"
-        self.plan_log = f"{root}/logs/plan.log"  # detection of every file happens in the plan job
-        self.manifest_index = f"{root}/manifests/.index.json"  # the plan's record of what each manifest describes
+        self.manifests_dir = f"{root}/manifests"
         self.checks_dir = f"{root}/checks"
         self.converted_dir = f"{root}/converted"
+        self.plan = f"{root}/plan.tsv"
+        self.plan_log = self.job_log("plan")  # detection of every file happens in the plan job
+        self.manifest_index = f"{self.manifests_dir}/.index.json"  # the plan's record of what each manifest describes
+        self.report = f"{root}/report.csv"
+        self.report_index = f"{root}/.report_index.json"  # the rows of report.csv and what each was read from
+        self.report_ok = f"{root}/report.ok"  # the gate's flag: written only when no check failed (or that is allowed)
+        # The HTML report's figures and tables (plots.write_report_figures takes them by these names).
+        self.figures = {"logit": f"{root}/figures/logit_check.png",
+                        "status": f"{root}/figures/status_by_lang_pair.png",
+                        "table": f"{root}/figures/report_table.html",
+                        "attention": f"{root}/figures/needs_attention.html"}
+
+    def job_log(self, job: str) -> str:
+        """The log of a job that runs once per run (plan, report, figures, gate)."""
+        return f"{self.root}/logs/{job}.log"
+
+    def benchmark(self, job: str) -> str:
+        """Snakemake's benchmark table of a job (``job`` may hold a wildcard: ``convert/{ckpt}``)."""
+        return f"{self.root}/benchmarks/{job}.tsv"
 
     def manifest(self, key: str) -> str:
-        return f"{self.root}/manifests/{key}.yaml"
+        return f"{self.manifests_dir}/{key}.yaml"
 
     def check(self, key: str) -> str:
         return f"{self.checks_dir}/{key}.yaml"

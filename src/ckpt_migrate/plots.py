@@ -153,11 +153,11 @@ TABLE_COLUMNS = ["status", "relative_path", "lang_pair", "run", "step", "format"
                  "vocab_size", "padded_vocab", "params", "size_bytes", "converted_path"]
 
 
-def write_report_figures(report_csv: str, logit_png: str, status_png: str, table_html: str,
-                         attention_html: str) -> None:
+def write_report_figures(report_csv: str, logit: str, status: str, table: str, attention: str) -> None:
+    """Every figure and table of the HTML report, at the paths ``OutputLayout.figures`` names."""
     rows = read_report(report_csv)
-    logit_check_figure(rows, logit_png)
-    status_figure(rows, status_png)
-    html_table(rows, TABLE_COLUMNS, "All checkpoints", table_html)
+    logit_check_figure(rows, logit)
+    status_figure(rows, status)
+    html_table(rows, TABLE_COLUMNS, "All checkpoints", table)
     html_table([r for r in rows if r["status"] in NEEDS_A_PERSON], ["status", "relative_path", "reason"],
-               "Files that need a person", attention_html)
+               "Files that need a person", attention)

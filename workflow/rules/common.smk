@@ -146,29 +146,13 @@ def report_inputs(wildcards):
     }
 
 
-def report_gate_flag():
-    return f"{OUT}/report.ok"
-
-
-def report_figures():
-    return [
-        f"{OUT}/figures/{name}"
-        for name in (
-            "logit_check.png",
-            "status_by_lang_pair.png",
-            "report_table.html",
-            "needs_attention.html",
-        )
-    ]
-
-
 def report_after_error():
     """onerror: a failed job (a crash, a SLURM kill) still leaves a full report and its figures."""
     try:
         report_after_failure(LAYOUT, RELATIVE_PATHS)
         from ckpt_migrate.plots import write_report_figures
 
-        write_report_figures(LAYOUT.report, *report_figures())
+        write_report_figures(LAYOUT.report, **LAYOUT.figures)
     except (
         Exception
     ) as exc:  # the run is failing already; say why the report is missing too

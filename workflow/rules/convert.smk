@@ -15,7 +15,7 @@ rule convert_batch:
     log:
         LAYOUT.batch_log("{batch}"),
     benchmark:
-        f"{OUT}/benchmarks/convert_batch/{{batch}}.tsv"
+        LAYOUT.benchmark("convert_batch/{batch}")
     conda:
         "../envs/ckpt_migrate.yaml"
     threads: 4
@@ -45,7 +45,7 @@ rule convert:
     log:
         LAYOUT.log("convert", "{ckpt}"),
     benchmark:
-        f"{OUT}/benchmarks/convert/{{ckpt}}.tsv"
+        LAYOUT.benchmark("convert/{ckpt}")
     conda:
         "../envs/ckpt_migrate.yaml"
     params:

@@ -16,7 +16,7 @@ checkpoint plan:
     log:
         LAYOUT.plan_log,
     benchmark:
-        f"{OUT}/benchmarks/plan.tsv"
+        LAYOUT.benchmark("plan")
     conda:
         "../envs/ckpt_migrate.yaml"
     params:

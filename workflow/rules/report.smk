@@ -14,9 +14,9 @@ rule report:
     output:
         csv=LAYOUT.report,
     log:
-        f"{OUT}/logs/report.log",
+        LAYOUT.job_log("report"),
     benchmark:
-        f"{OUT}/benchmarks/report.tsv"
+        LAYOUT.benchmark("report")
     conda:
         "../envs/ckpt_migrate.yaml"
     params:
@@ -29,11 +29,11 @@ rule gate:
     input:
         csv=rules.report.output.csv,
     output:
-        flag=report_gate_flag(),
+        flag=LAYOUT.report_ok,
     log:
-        f"{OUT}/logs/gate.log",
+        LAYOUT.job_log("gate"),
     benchmark:
-        f"{OUT}/benchmarks/gate.tsv"
+        LAYOUT.benchmark("gate")
     conda:
         "../envs/ckpt_migrate.yaml"
     params:
@@ -47,31 +47,31 @@ rule figures:
         csv=rules.report.output.csv,
     output:
         logit=report(
-            f"{OUT}/figures/logit_check.png",
+            LAYOUT.figures["logit"],
             caption="../report/logit_check.rst",
             category="Logit check",
         ),
         status=report(
-            f"{OUT}/figures/status_by_lang_pair.png",
+            LAYOUT.figures["status"],
             caption="../report/status_by_lang_pair.rst",
             category="Overview",
         ),
         table=report(
-            f"{OUT}/figures/report_table.html",
+            LAYOUT.figures["table"],
             caption="../report/report_csv.rst",
             category="Report",
             labels={"table": "all checkpoints (click a column to sort)"},
         ),
         attention=report(
-            f"{OUT}/figures/needs_attention.html",
+            LAYOUT.figures["attention"],
             caption="../report/needs_attention.rst",
             category="Report",
             labels={"table": "files that need a person"},
         ),
     log:
-        f"{OUT}/logs/figures.log",
+        LAYOUT.job_log("figures"),
     benchmark:
-        f"{OUT}/benchmarks/figures.tsv"
+        LAYOUT.benchmark("figures")
     conda:
         "../envs/ckpt_migrate.yaml"
     script:
