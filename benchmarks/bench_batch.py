@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from results_file import save_result
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
@@ -209,9 +210,7 @@ def main() -> int:
         result["write"] = {**times, "ours_median_s": round(ours, 3), "plain_median_s": round(plain, 3),
                            "ratio": round(ours / plain, 3), "target": 1.3, "met": ours / plain <= 1.3}
         print(json.dumps(result["write"]), flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    save_result(args.out, result)
     return 0
 
 

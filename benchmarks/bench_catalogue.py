@@ -26,6 +26,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
 from tests.test_reliability import CATALOGUE, ODD_FOLDER, ODD_NAMES, _small_ckpt  # noqa: E402
+from results_file import save_result
 
 
 def _children() -> dict[int, list[int]]:
@@ -96,9 +97,7 @@ def main() -> None:
               "wall_s": round(elapsed, 1), "peak_tree_rss_mib": round(peak_total / 1024, 1),
               "peak_single_process_rss_mib": round(peak_single / 1024, 1),
               "statuses": {s: sum(1 for r in rows if r["status"] == s) for s in sorted({r["status"] for r in rows})}}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    save_result(args.out, result)
     print(json.dumps(result, indent=2))
 
 

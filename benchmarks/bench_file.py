@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from results_file import save_result
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
@@ -161,9 +162,7 @@ def main() -> int:
                         "maxrss naive/ours": naive["maxrss_kib"] / ours["maxrss_kib"]}
     print(json.dumps(result, indent=1))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        save_result(args.out, result)
     return 0
 
 

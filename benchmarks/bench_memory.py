@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+from results_file import save_result
 
 CHILD = r"""
 import json, sys, threading, time
@@ -75,9 +76,7 @@ def main() -> int:
                         "peak_minus_runtime_over_weights": round((peak - runtime) / weights, 3),
                         "peak_minus_start_over_weights": round((peak - measured["anon_before_kib"] * 1024) / weights, 3)}
         os.unlink(dst)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    save_result(args.out, result)
     print(json.dumps(result, indent=1))
     return 0
 

@@ -12,7 +12,6 @@ Measured, each as wall time of the whole `snakemake` process and the jobs it ran
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -25,6 +24,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "src"))
 
 from ckpt_migrate import synthetic  # noqa: E402
+from results_file import save_result
 
 LANGS = ("eng_spa", "hin_urd", "rus_pol", "tam_mal")
 
@@ -80,9 +80,7 @@ def main() -> int:
     os.link(small, os.path.join(folder, "best_state_5000.pt"))
     results["one_new_run"] = run(snakemake)
     print("one new run", results["one_new_run"], flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    save_result(args.out, results)
     return 0
 
 

@@ -27,6 +27,7 @@ import yaml  # noqa: E402
 
 from ckpt_migrate import synthetic  # noqa: E402
 from tests.slurm_cluster import start, stop  # noqa: E402
+from results_file import save_result
 
 
 def main() -> int:
@@ -64,11 +65,10 @@ def main() -> int:
                 per_job[yaml.safe_load(f)["converted_on"]["slurm_job_id"]] += 1
     result = {"conversions": sum(per_job.values()), "sbatch_submissions": (proc.stdout + proc.stderr).count(
         "has been submitted with SLURM jobid"), "slurm_jobs_seen_in_records": len(per_job),
-        "conversions_per_job": sorted(per_job.values(), reverse=True), "wall_s": round(wall, 1),
+        "conversions_in_each_job": sorted(per_job.values(), reverse=True), "wall_s": round(wall, 1),
         "conversions_per_job": 8, "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(result))
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    save_result(args.out, result)
     return 0
 
 

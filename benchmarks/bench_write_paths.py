@@ -13,6 +13,7 @@ from ckpt_migrate.convert import convert_state_dict
 from ckpt_migrate.converted import payload as converted_payload
 from ckpt_migrate.conversion import load_source
 from ckpt_migrate.families import GPTConfig
+from results_file import save_result
 
 
 def main():
@@ -56,7 +57,7 @@ def main():
            "runs": times}
     print(json.dumps({"bytes": len(data), "median_s": med, "over_raw": out["over_raw"]}))
     if a.out:
-        json.dump(out, open(a.out, "w"), indent=1)
+        save_result(a.out, out)
 
 
 if __name__ == "__main__":
