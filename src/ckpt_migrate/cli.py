@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import asdict, fields
 
 from .converted import FORMAT as CONVERTED_FORMAT
 from .detect import FORMAT_LABELS
@@ -59,10 +60,10 @@ def cmd_inspect(args) -> int:
 
 
 def _settings(args):
+    """The check settings the options give (the options are CheckSettings' fields, by name)."""
     from .check import CheckSettings
 
-    return CheckSettings(batch=args.batch, length=args.length, seed=args.seed, dtype=args.dtype,
-                         tolerance=args.tolerance, device=args.device)
+    return CheckSettings(**{f.name: getattr(args, f.name) for f in fields(CheckSettings)})
 
 
 def _overrides(args) -> dict:
@@ -108,9 +109,7 @@ def cmd_check(args) -> int:
 def cmd_verify_outputs(args) -> int:
     from .pipeline import verify_outputs
 
-    settings = {"batch": args.batch, "length": args.length, "seed": args.seed, "dtype": args.dtype,
-                "tolerance": args.tolerance, "device": args.device}
-    verified, problems = verify_outputs(args.output_root, recheck=args.recheck, settings=settings)
+    verified, problems = verify_outputs(args.output_root, recheck=args.recheck, settings=asdict(_settings(args)))
     for line in problems:
         print(line)
     print(f"{verified} converted file(s) match their records; {len(problems)} problem(s)")
@@ -152,8 +151,6 @@ def cmd_demo_tree(args) -> int:
 
 def _add_check_options(p: argparse.ArgumentParser) -> None:
     """The check's options, with CheckSettings' defaults (the pipeline's schema has the same)."""
-    from dataclasses import fields
-
     from .check import CheckSettings
 
     default = {f.name: f.default for f in fields(CheckSettings)}
