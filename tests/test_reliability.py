@@ -627,3 +627,38 @@ def test_a_failed_file_alone_in_its_batch_is_retried(tmp_path):
     summaries = [yaml.safe_load(p.read_text()) for p in (out / "batches").glob("*.yaml")]
     assert len(summaries) == 2 and all(s["files"][0]["reused"] is False for s in summaries)
     assert read_report(str(out / "report.csv"))[0]["status"] == "failed"
+
+
+def test_a_file_replaced_after_the_plan_is_not_converted_under_its_old_manifest(tmp_path):
+    """The plan detected one file; before its batch ran the lab replaced it. The batch converts
+    nothing under the stale manifest (its row would describe other bytes): a failed record saying
+    so, and the next plan detects the new file and converts it in a new batch."""
+    from ckpt_migrate import pipeline
+
+    from .builders import small_checkpoint
+
+    root, layout = tmp_path / "clean_bbpe_50k", pipeline.OutputLayout(str(tmp_path / "out"))
+    path = small_checkpoint(root / "eng_spa_owt_run_0/best_state_100.pt", "v1", seed=1)
+    settings = {"length": 64, "device": "cpu"}
+
+    def plan_and_run():
+        sources = pipeline.checkpoint_sources(str(root), "*_owt_run_*/best_state_*.pt")
+        pipeline.detect_and_plan(sources, {k: os.path.relpath(p, root) for k, p in sources.items()}, layout)
+        (batch,) = pipeline.read_batches(layout.plan)
+        pipeline.run_batch(layout, batch, settings, None, layout.batch(batch))
+        return batch, pipeline.read_yaml(layout.staged("eng_spa_owt_run_0/best_state_100"))
+
+    sources = pipeline.checkpoint_sources(str(root), "*_owt_run_*/best_state_*.pt")
+    pipeline.detect_and_plan(sources, {k: os.path.relpath(p, root) for k, p in sources.items()}, layout)
+    (first_batch,) = pipeline.read_batches(layout.plan)
+    small_checkpoint(path, "v2", seed=2)  # replaced: other bytes, other size
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    pipeline.run_batch(layout, first_batch, settings, None, layout.batch(first_batch))
+    record = pipeline.read_yaml(layout.staged("eng_spa_owt_run_0/best_state_100"))
+    assert record["status"] == "failed" and "changed after the plan detected it" in record["reason"]
+    assert "bytes" in record["reason"] and not os.path.exists(layout.converted("eng_spa_owt_run_0/best_state_100"))
+
+    second_batch, record = plan_and_run()
+    assert second_batch != first_batch and record["status"] == "converted" and record["reason"] == ""
+    manifest = pipeline.read_yaml(layout.manifest("eng_spa_owt_run_0/best_state_100"))
+    assert manifest["variant"] == "v2" and os.path.isfile(layout.converted("eng_spa_owt_run_0/best_state_100"))

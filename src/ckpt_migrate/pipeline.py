@@ -376,14 +376,21 @@ def run_conversion(src: str, manifest_path: str, converted_path: str, check_path
     manifest = read_yaml(manifest_path)
     settings = CheckSettings(**check_settings)
     identity = _source_identity(src)
+    changed = _changed_since_detection(manifest, src)
     try:
+        if changed:
+            # Its manifest (format, shapes, step: the report's row) describes other bytes; the next
+            # run's plan detects the file again and gives it a new batch.
+            raise RuntimeError(f"the file changed after the plan detected it ({changed}); "
+                               f"the next run detects and converts it again")
         # convert_file reads the file as it is now (one read for the record and the tensors).
         result = convert_file(src, converted_path, settings, overrides)
     except Exception as exc:  # one line in the record; the run goes on with the other checkpoints
-        log.exception("conversion of %s failed", src)
+        if not changed:
+            log.exception("conversion of %s failed", src)
         result = {"source": os.path.abspath(src), "status": "failed",
                   "converter_fingerprint": converter_fingerprint(),
-                  "reason": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+                  "reason": (str(exc) if changed else f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")}
     if result["status"] != "converted" and os.path.exists(converted_path):
         # A previous good conversion of an older file must not stand for this one.
         os.unlink(converted_path)
@@ -395,6 +402,20 @@ def run_conversion(src: str, manifest_path: str, converted_path: str, check_path
     write_yaml(check_path, result)
     log.info("%s: %s %s", display_path(src), result["status"], result.get("reason", ""))
     return result
+
+
+def _changed_since_detection(manifest: dict, src: str) -> str:
+    """How the file differs from what its manifest was detected from, by the plan's own measure
+    (size and mtime); "" if it does not, or if it cannot be read now (the conversion says why)."""
+    now = _file_identity(src)
+    if now["size"] is None:
+        return ""
+    differences = []
+    if manifest.get("size_bytes") != now["size"]:
+        differences.append(f"{manifest.get('size_bytes')} -> {now['size']} bytes")
+    if manifest.get("mtime") != now["mtime"]:
+        differences.append(f"modified {iso_utc(now['mtime'])}, detected as of {iso_utc(manifest.get('mtime'))}")
+    return ", ".join(differences)
 
 
 def _source_identity(path: str) -> dict | None:
