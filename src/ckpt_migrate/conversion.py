@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from . import __version__
+from . import converted as converted_format  # "converted" names the converted weights below
 from .atomic import PendingFile
 from .check import CheckSettings, logit_check, return_freed_memory
 from .convert import ConversionError, convert_state_dict
-from . import converted as converted_format
 from .detect import ManifestRecord, find_state_dict, record_from_inspection, strip_prefixes
 from .families import FAMILIES, GPTConfig
 from .fingerprint import converter_fingerprint

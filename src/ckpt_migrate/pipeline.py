@@ -377,20 +377,19 @@ def run_conversion(src: str, manifest_path: str, converted_path: str, check_path
     settings = CheckSettings(**check_settings)
     identity = _source_identity(src)
     changed = _changed_since_detection(manifest, src)
-    try:
-        if changed:
-            # Its manifest (format, shapes, step: the report's row) describes other bytes; the next
-            # run's plan detects the file again and gives it a new batch.
-            raise RuntimeError(f"the file changed after the plan detected it ({changed}); "
-                               f"the next run detects and converts it again")
-        # convert_file reads the file as it is now (one read for the record and the tensors).
-        result = convert_file(src, converted_path, settings, overrides)
-    except Exception as exc:  # one line in the record; the run goes on with the other checkpoints
-        if not changed:
+    failed = {"source": os.path.abspath(src), "status": "failed", "converter_fingerprint": converter_fingerprint()}
+    if changed:
+        # Its manifest (format, shapes, step: the report's row) describes other bytes; the next
+        # run's plan detects the file again and gives it a new batch.
+        result = {**failed, "reason": f"the file changed after the plan detected it ({changed}); "
+                                      f"the next run detects and converts it again"}
+    else:
+        try:
+            # convert_file reads the file as it is now (one read for the record and the tensors).
+            result = convert_file(src, converted_path, settings, overrides)
+        except Exception as exc:  # one line in the record; the run goes on with the other checkpoints
             log.exception("conversion of %s failed", src)
-        result = {"source": os.path.abspath(src), "status": "failed",
-                  "converter_fingerprint": converter_fingerprint(),
-                  "reason": (str(exc) if changed else f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")}
+            result = {**failed, "reason": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
     if result["status"] != "converted" and os.path.exists(converted_path):
         # A previous good conversion of an older file must not stand for this one.
         os.unlink(converted_path)
