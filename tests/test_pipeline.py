@@ -235,6 +235,31 @@ def test_output_inside_the_input_tree_is_refused(tmp_path):
     assert tree_state(str(root)) == before  # nothing written into the tree
 
 
+@pytest.mark.parametrize("case, words", [
+    # The tree sits where converted files go: a converted file's path would be its source's.
+    ("tree in converted/", "is inside {out}/converted, where the pipeline writes"),
+    ("output_root a link into the tree", "is inside input_root"),
+    ("absolute glob", "must be relative to input_root"),
+    ("glob with ..", "climbs out of input_root"),
+])
+def test_placements_that_could_write_into_the_tree_are_refused(tmp_path, case, words):
+    """Each way a tired config could send outputs onto checkpoints, or read outside the tree, stops
+    the run at start with one line and writes nothing."""
+    out = tmp_path / "results"
+    root = out / "converted" if case == "tree in converted/" else tmp_path / "clean_bbpe_50k"
+    small_checkpoint(root / "eng_spa_owt_run_1/best_state_100.pt", seed=1)
+    config = {"glob": {"absolute glob": f"{root}/*/best_state_*.pt",
+                       "glob with ..": "../clean_bbpe_50k/*/best_state_*.pt"}.get(case, "*/best_state_*.pt")}
+    if case == "output_root a link into the tree":
+        (tmp_path / "link").symlink_to(root, target_is_directory=True)
+        out = tmp_path / "link" / "results"
+    before = tree_state(str(root))
+    proc = snakemake(str(root), str(out), "-n", config=config)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and words.format(out=os.path.realpath(out)) in text, text[-2000:]
+    assert "Traceback" not in text and tree_state(str(root)) == before
+
+
 def test_every_match_keeps_its_row_when_names_collide(tmp_path):
     root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
     small_checkpoint(root / "eng_spa_owt_run_1/best_state_100.pt", seed=1)

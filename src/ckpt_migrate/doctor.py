@@ -225,9 +225,12 @@ def storage_findings(config: dict) -> list[Finding]:
         matches = globlib.glob(os.path.join(globlib.escape(root), str(config.get("glob", "*"))))
         found.append(Finding("ok" if matches else "warn", f"input_root {root}: {len(matches)} file(s) match "
                              f"{config.get('glob')!r}", "" if matches else "check glob in the config"))
-    if out == root or out.startswith(root.rstrip("/") + "/"):
-        found.append(Finding("FAIL", f"output_root {out} is inside input_root", "write outputs elsewhere: "
-                                                                                 "the scratch tree is only read"))
+    from .pipeline import glob_problem, placement_problem
+
+    for problem in (placement_problem(root, out), glob_problem(str(config.get("glob", "*")))):
+        if problem:
+            what, _, fix = problem.partition(" (")
+            found.append(Finding("FAIL", what, fix.rstrip(")")))
     probe_dir = out
     while not os.path.exists(probe_dir):
         probe_dir = os.path.dirname(probe_dir)

@@ -173,6 +173,35 @@ class OutputLayout:
         return f"{self.root}/staged/{key}.log"
 
 
+# The folders under output_root that the pipeline writes into (OutputLayout's paths live in them).
+OUTPUT_FOLDERS = ("manifests", "checks", "converted", "staged", "attempts", "batches", "logs", "figures",
+                  "benchmarks")
+
+
+def placement_problem(input_root: str, output_root: str) -> str:
+    """Why writing to ``output_root`` could write into the tree at ``input_root`` ("" if it cannot):
+    output_root inside the tree, or the tree inside one of the folders the pipeline writes (a
+    converted file's path mirrors its source's). Links are resolved: the real places count."""
+    tree, out = os.path.realpath(os.path.expanduser(input_root)), os.path.realpath(os.path.expanduser(output_root))
+    if os.path.commonpath([out, tree]) == tree:
+        return (f"output_root {out} is inside input_root {tree}: the checkpoint tree is only ever read "
+                f"(set output_root elsewhere)")
+    for folder in OUTPUT_FOLDERS:
+        if os.path.commonpath([tree, os.path.join(out, folder)]) == os.path.join(out, folder):
+            return (f"input_root {tree} is inside {os.path.join(out, folder)}, where the pipeline writes: "
+                    f"its outputs could land on the checkpoints (set output_root elsewhere)")
+    return ""
+
+
+def glob_problem(pattern: str) -> str:
+    """Why ``pattern`` could match outside input_root ("" if it cannot): absolute, or with a ``..``."""
+    if os.path.isabs(pattern) or pattern.startswith("~"):
+        return f"glob {pattern!r} must be relative to input_root (set input_root to the folder it starts from)"
+    if ".." in pattern.replace(os.sep, "/").split("/"):
+        return f"glob {pattern!r} climbs out of input_root with '..' (set input_root higher instead)"
+    return ""
+
+
 def checkpoint_key(relative_path: str) -> str:
     """Wildcard value of a checkpoint: its path under input_root without the .pt suffix.
 
@@ -201,6 +230,9 @@ def checkpoint_sources(input_root: str, pattern: str) -> dict[str, str]:
     whose keys coincide (``x.pt`` and ``x``) both keep a row."""
     import glob
 
+    problem = glob_problem(pattern)
+    if problem:
+        raise ValueError(problem)
     keyed: dict[str, str] = {}
     for path in sorted(glob.glob(os.path.join(glob.escape(input_root), pattern))):
         key = checkpoint_key(os.path.relpath(path, input_root))

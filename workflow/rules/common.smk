@@ -12,6 +12,8 @@ from ckpt_migrate.pipeline import (
     OutputLayout,
     batch_minutes,
     checkpoint_sources,
+    glob_problem,
+    placement_problem,
     read_batches,
     read_plan,
     read_report,
@@ -59,12 +61,9 @@ if not os.path.isdir(INPUT_ROOT):
         f"(set it in config/config.yaml or with --config input_root=PATH)"
     )
 OUT = config["output_root"]
-_out = os.path.abspath(os.path.expanduser(OUT))
-if os.path.commonpath([_out, INPUT_ROOT]) == INPUT_ROOT:
-    raise WorkflowError(
-        f"output_root {_out} is inside input_root {INPUT_ROOT}: the checkpoint tree is only ever read "
-        f"(set output_root elsewhere)"
-    )
+for _problem in (placement_problem(INPUT_ROOT, OUT), glob_problem(config["glob"])):
+    if _problem:
+        raise WorkflowError(_problem)
 LAYOUT = OutputLayout(OUT)
 # The logit-check settings, as ckpt_migrate.check.CheckSettings takes them.
 CHECK_SETTINGS = lookup(dpath="check", within=config)
