@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .heap import return_freed_memory
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5}  # absolute, on soft-capped logits
@@ -148,18 +150,6 @@ def logit_check(reference: torch.nn.Module, candidate: torch.nn.Module, vocab_si
              result["mean_abs_logit_diff"], result["top1_agreement"], result["kl"],
              "passed" if result["check_passed"] else "FAILED")
     return result
-
-
-def return_freed_memory() -> None:
-    """Hand freed heap memory back to the system now. glibc keeps large freed blocks (the
-    forward's attention scores, the writer's buffers) for reuse, and they would count against
-    the job's memory limit through the next stage and the next file of a batch."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: its allocator decides
-        pass
 
 
 def _sync(device: str) -> None:

@@ -17,11 +17,12 @@ import torch
 from . import __version__
 from . import converted as converted_format  # "converted" names the converted weights below
 from .atomic import PendingFile
-from .check import CheckSettings, logit_check, return_freed_memory
+from .check import CheckSettings, logit_check
 from .convert import ConversionError, convert_state_dict
 from .detect import ManifestRecord, find_state_dict, record_from_inspection, strip_prefixes
 from .families import FAMILIES, GPTConfig
 from .fingerprint import converter_fingerprint
+from .heap import return_freed_memory
 from .loader import Checkpoint, CheckpointError, open_checkpoint
 from .models import GPTBatched, GPTFlexAttention
 

@@ -488,7 +488,7 @@ def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any
     failed job. A file whose conversion from an earlier run still stands is not converted again."""
     import time
 
-    from .check import return_freed_memory
+    from .heap import return_freed_memory
 
     t0 = time.perf_counter()
     members = read_batches(layout.plan).get(batch_id)
