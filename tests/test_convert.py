@@ -17,6 +17,7 @@ from ckpt_migrate.conversion import build_model, check_file, convert_file, load_
 from ckpt_migrate.models import GPTBatched
 from ckpt_migrate.check import logit_check
 
+from .builders import Call
 from .conftest import VOCAB, write
 
 # 512 tokens = 4 blocks: beyond the step-100 windows (2 long, 1 short), so the windows bite.
@@ -163,11 +164,7 @@ def test_loader_api_on_small_medium_and_converted(small_v2_path, medium_path, tm
 def test_loader_refuses_unsafe_files(tmp_path):
     marker = tmp_path / "PWNED"
 
-    class Payload:
-        def __reduce__(self):
-            return os.system, (f"touch {marker}",)
-
-    path = write(tmp_path, "evil.pt", {"model": {"embed.weight": torch.zeros(1)}, "p": Payload()})
+    path = write(tmp_path, "evil.pt", {"model": {"embed.weight": torch.zeros(1)}, "p": Call(os.system, f"touch {marker}")})
     with pytest.raises(ValueError, match="unsafe.*os.system|unsafe.*posix.system"):
         load_pretrained_checkpoint(path)
     assert not marker.exists()

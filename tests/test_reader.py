@@ -26,7 +26,7 @@ from ckpt_migrate.loader import open_checkpoint
 from ckpt_migrate.conversion import convert_file, load_pretrained_checkpoint
 from ckpt_migrate.safe_pickle import ReaderLimits, inspect_archive, inspect_file
 
-from .builders import OverridingDict
+from .builders import Call, OverridingDict
 from .conftest import VOCAB
 
 MARKER = "/tmp/ckpt_migrate_reader_PWNED"
@@ -354,11 +354,7 @@ def test_legacy_files_are_read_by_the_same_reader(tmp_path):
     record = _verdict(tmp_path / "old.pt")
     assert record["format"] == "unreadable" and "legacy" in record["reason"] and "weights_only" not in record["reason"]
 
-    class Payload:
-        def __reduce__(self):
-            return os.system, (f"touch {MARKER}",)
-
-    torch.save({"model": {"w": torch.zeros(2)}, "x": Payload()}, tmp_path / "old_evil.pt",
+    torch.save({"model": {"w": torch.zeros(2)}, "x": Call(os.system, f"touch {MARKER}")}, tmp_path / "old_evil.pt",
                _use_new_zipfile_serialization=False)
     record = _verdict(tmp_path / "old_evil.pt")
     assert record["format"] == "unsafe" and "system" in record["reason"]
