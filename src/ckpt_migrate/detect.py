@@ -200,7 +200,7 @@ def classify(state_dict: dict[str, TensorStub]) -> dict[str, Any]:
         problems.append(f"lm-head rows {head[0]} != embedding rows {vocab_rows} rounded up to 128")
     if family == "medium":
         cfg = GPTConfig("medium", num_layers, hdim // HEAD_DIM, HEAD_DIM, model_dim, mlp_dim,
-                               vocab_rows, head[0], [i for i in range(num_layers) if i != NO_ATTENTION_LAYER], 1)
+                        vocab_rows, head[0], [i for i in range(num_layers) if i != NO_ATTENTION_LAYER], 1)
         expected = gptbatched_expected_shapes(cfg)
     else:
         scalars = _shape(shapes, "scalars", 1)

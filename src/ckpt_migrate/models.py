@@ -285,12 +285,12 @@ class _GPT(nn.Module):
         lambdas, sa_lambdas = scalars[layout.residual_pairs].view(-1, 2), scalars[layout.value_pairs].view(-1, 2)
         x = x0 = norm(self.embed(input_ids).to(dtype))  # (B, T, D)
         outputs: list[torch.Tensor] = []
+        skip_map = cfg.family_spec.skip_map  # None: small's U-net; else medium's layer -> earlier layer
         for i, block in enumerate(self.blocks):
-            if cfg.family_spec.skip_map is None and i >= L // 2:  # small: U-net, layer i reads layer L-1-i
+            if skip_map is None and i >= L // 2:  # small: U-net, layer i reads layer L-1-i
                 x = x + skip_w[i - L // 2] * outputs[L - 1 - i]
-            elif cfg.family_spec.skip_map is not None and i in cfg.family_spec.skip_map:
-                j = cfg.family_spec.skip_map[i]
-                x = x + skip_w[j] * outputs[j]
+            elif skip_map is not None and i in skip_map:
+                x = x + skip_w[skip_map[i]] * outputs[skip_map[i]]
             idx = cfg.value_embed_index(i)
             x = block(x, x0, ve[idx] if idx is not None else None, lambdas[i], sa_lambdas[i],
                       masks[cfg.window_blocks(i)])
