@@ -42,7 +42,10 @@ def _check_section(config):
 
 def _scalar(text):
     """A command-line value as YAML reads it, and 1e-3 as a number (YAML 1.1 wants 1.0e-3)."""
-    value = yaml.safe_load(text)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # the schema says what is wrong with it
     if isinstance(value, str):
         try:
             return float(value)
