@@ -210,3 +210,39 @@ def test_cli_check_defaults_are_the_pipelines(python):
     assert sorted(schema) == sorted(f.name for f in dataclasses.fields(CheckSettings))
     for field in schema:
         assert schema[field]["default"] == getattr(CheckSettings(), field), field
+
+
+def test_convert_never_writes_over_its_source(small_v2_path, tmp_path):
+    """``ckpt-migrate convert X X`` (or through a link, or onto a hard link of X) would publish
+    the converted file over the checkpoint: refused before any work, the source byte-identical."""
+    import hashlib
+
+    src = str(tmp_path / "best_state_100.pt")
+    with open(small_v2_path, "rb") as f, open(src, "wb") as g:
+        g.write(f.read())
+    digest = hashlib.sha256(open(src, "rb").read()).hexdigest()
+    os.symlink(src, tmp_path / "link.pt")
+    os.link(src, tmp_path / "hard.pt")
+    for dst in (src, str(tmp_path / "link.pt"), str(tmp_path / "hard.pt")):
+        result = convert_file(src, dst, CheckSettings(length=64, device="cpu"))
+        assert result["status"] == "failed" and "is the source file itself" in result["reason"], result
+    assert hashlib.sha256(open(src, "rb").read()).hexdigest() == digest
+    (tmp_path / "folder").mkdir()
+    result = convert_file(src, str(tmp_path / "folder"), CheckSettings(length=64, device="cpu"))
+    assert result["status"] == "failed" and "is a folder" in result["reason"]
+    assert sorted(os.listdir(tmp_path)) == ["best_state_100.pt", "folder", "hard.pt", "link.pt"]
+
+
+def test_a_refused_rename_is_a_failed_record_with_nothing_left(small_v2_path, tmp_path, monkeypatch):
+    from ckpt_migrate import atomic
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(atomic.PendingFile, "commit", refuse)
+    result = convert_file(small_v2_path, str(tmp_path / "out.pt"), CheckSettings(length=64, device="cpu"))
+    assert result["status"] == "failed" and result["reason"].startswith(f"cannot write {tmp_path / 'out.pt'}: Permission denied")
+    assert os.listdir(tmp_path) == []
+    # A destination whose folder cannot be written (/proc takes no new files, even from root).
+    result = convert_file(small_v2_path, "/proc/out.pt", CheckSettings(length=64, device="cpu"))
+    assert result["status"] == "failed" and result["reason"].startswith("cannot write /proc/out.pt: ")

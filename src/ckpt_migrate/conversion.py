@@ -79,6 +79,16 @@ def _progress(stage: str, t0: float) -> None:
              f"{read / 2**20:.1f} MiB" if read is not None else "? bytes")
 
 
+def _same_file(src: str, dst: str) -> bool:
+    """Whether ``dst`` names ``src`` (the same path, through a link, or a hard link to it)."""
+    if os.path.realpath(src) == os.path.realpath(dst):
+        return True
+    try:
+        return os.path.samefile(src, dst)
+    except OSError:  # dst does not exist yet
+        return False
+
+
 def _identity(path: str) -> tuple:
     st = os.stat(path)
     return st.st_ino, st.st_size, st.st_mtime_ns
@@ -103,6 +113,13 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
     except OSError as exc:
         result["reason"] = f"cannot read the source: {exc.strerror or exc}"
         return result
+    if dst and _same_file(src, dst):
+        # Publishing would replace the checkpoint itself: the source is only ever read.
+        result["reason"] = f"the output path {dst} is the source file itself; write the converted file elsewhere"
+        return result
+    if dst and os.path.isdir(dst):
+        result["reason"] = f"the output path {dst} is a folder; give the converted file's own path"
+        return result
     _progress("load", t0)
     try:
         record, checkpoint, small = load_source(src, overrides)
@@ -120,7 +137,11 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
     # The output is written to a temporary file while the check runs (I/O beside compute), and
     # published by a rename only once the check has passed and the source is unchanged.
     payload = converted_format.payload(record, converted, cfg, bool(record.get("has_optimizer_state")))
-    pending = _BackgroundWrite(dst, payload, t0) if dst else None
+    try:
+        pending = _BackgroundWrite(dst, payload, t0) if dst else None
+    except OSError as exc:  # its folder cannot be made or written
+        result["reason"] = f"cannot write {dst}: {exc.strerror or exc}; nothing written"
+        return result
     t2 = time.perf_counter()
     _progress("check", t0)
     try:
@@ -145,7 +166,12 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
         result["reason"] = reason
         return result
     if pending:
-        pending.file.commit()
+        try:
+            pending.file.commit()
+        except OSError as exc:  # the rename itself refused (a folder in the way, permissions)
+            pending.file.abort()
+            result["reason"] = f"cannot write {dst}: {exc.strerror or exc}; nothing written"
+            return result
         result["sha256"], result["converted_bytes"] = written["sha256"], written["bytes"]
     timings["total_s"] = time.perf_counter() - t0
     _progress("done", t0)
