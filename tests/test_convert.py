@@ -246,3 +246,12 @@ def test_a_refused_rename_is_a_failed_record_with_nothing_left(small_v2_path, tm
     # A destination whose folder cannot be written (/proc takes no new files, even from root).
     result = convert_file(small_v2_path, "/proc/out.pt", CheckSettings(length=64, device="cpu"))
     assert result["status"] == "failed" and result["reason"].startswith("cannot write /proc/out.pt: ")
+
+
+def test_verify_outputs_on_a_folder_that_is_no_run_says_so(python, tmp_path):
+    """A mistyped output_root (or the input tree) must not "verify" with nothing to find."""
+    for folder in (tmp_path / "nonexistent", tmp_path):
+        out = subprocess.run([python, "-m", "ckpt_migrate.cli", "verify-outputs", str(folder)],
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and "is not the output_root of a run" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and "match their records" not in out.stdout

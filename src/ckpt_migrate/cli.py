@@ -107,8 +107,14 @@ def cmd_check(args) -> int:
 
 
 def cmd_verify_outputs(args) -> int:
-    from .pipeline import verify_outputs
+    from .pipeline import OutputLayout, verify_outputs
 
+    layout = OutputLayout(args.output_root)
+    if not (os.path.exists(layout.plan) or os.path.exists(layout.report)):
+        # A mistyped path or the input tree would otherwise "verify" with nothing to find.
+        print(f"error: {args.output_root} is not the output_root of a run (no {os.path.basename(layout.plan)} "
+              f"or {os.path.basename(layout.report)} there)", file=sys.stderr)
+        return 2
     verified, problems = verify_outputs(args.output_root, recheck=args.recheck, settings=asdict(_settings(args)))
     for line in problems:
         print(line)
