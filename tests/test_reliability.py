@@ -662,3 +662,33 @@ def test_a_file_replaced_after_the_plan_is_not_converted_under_its_old_manifest(
     assert second_batch != first_batch and record["status"] == "converted" and record["reason"] == ""
     manifest = pipeline.read_yaml(layout.manifest("eng_spa_owt_run_0/best_state_100"))
     assert manifest["variant"] == "v2" and os.path.isfile(layout.converted("eng_spa_owt_run_0/best_state_100"))
+
+
+def test_a_lost_converted_file_is_named_and_converted_again_as_verify_outputs_says(tmp_path):
+    """A converted file deleted (or changed) afterwards: verify-outputs names it and says how to
+    redo it; doing that (delete its record, plan again) converts it again in a new batch."""
+    from ckpt_migrate import pipeline
+
+    from .builders import small_checkpoint
+
+    root, layout = tmp_path / "clean_bbpe_50k", pipeline.OutputLayout(str(tmp_path / "out"))
+    small_checkpoint(root / "eng_spa_owt_run_0/best_state_100.pt", seed=1)
+    key = "eng_spa_owt_run_0/best_state_100"
+
+    def plan_run_publish():
+        sources = pipeline.checkpoint_sources(str(root), "*_owt_run_*/best_state_*.pt")
+        pipeline.detect_and_plan(sources, {k: os.path.relpath(p, root) for k, p in sources.items()}, layout)
+        (batch,) = pipeline.read_batches(layout.plan)
+        pipeline.run_batch(layout, batch, {"length": 64, "device": "cpu"}, None, layout.batch(batch))
+        os.makedirs(os.path.dirname(layout.check(key)), exist_ok=True)  # what the convert rule does
+        shutil.copy(layout.staged(key), layout.check(key))
+        return batch
+
+    first = plan_run_publish()
+    os.unlink(layout.converted(key))
+    verified, problems = verify_outputs(layout.root)
+    assert verified == 0 and len(problems) == 1 and problems[0].startswith(f"missing: {layout.converted(key)}")
+    assert "delete that record and rerun with --forcerun plan" in problems[0]
+    os.unlink(layout.check(key))
+    assert plan_run_publish() != first and os.path.isfile(layout.converted(key))
+    assert verify_outputs(layout.root) == (1, [])

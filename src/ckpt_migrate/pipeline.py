@@ -828,11 +828,13 @@ def verify_outputs(output_root: str, recheck: bool = False, settings: dict | Non
             path = os.path.join(converted_dir, rel)
             recorded.add(os.path.normpath(path))
             if not os.path.exists(path):
-                problems.append(f"missing: {path} (recorded in {record_path})")
+                problems.append(f"missing: {path} (recorded in {record_path}; delete that record and "
+                                f"rerun with --forcerun plan to convert it again)")
                 continue
             digest = sha256_file(path)
             if digest != record.get("sha256"):
-                problems.append(f"changed: {path}: sha256 {digest[:16]}... != recorded {str(record.get('sha256'))[:16]}...")
+                problems.append(f"changed: {path}: sha256 {digest[:16]}... != recorded {str(record.get('sha256'))[:16]}... "
+                                f"(delete {record_path} and rerun with --forcerun plan to convert it again)")
                 continue
             if record.get("converter_fingerprint") != current:
                 problems.append(f"outdated: {path} was made by converter {record.get('converter_fingerprint') or '?'}, "
