@@ -239,6 +239,7 @@ def test_output_inside_the_input_tree_is_refused(tmp_path):
     # The tree sits where converted files go: a converted file's path would be its source's.
     ("tree in converted/", "is inside {out}/converted, where the pipeline writes"),
     ("output_root a link into the tree", "is inside input_root"),
+    ("converted/ a link into the tree", "leads into input_root"),
     ("absolute glob", "must be relative to input_root"),
     ("glob with ..", "climbs out of input_root"),
 ])
@@ -253,6 +254,9 @@ def test_placements_that_could_write_into_the_tree_are_refused(tmp_path, case, w
     if case == "output_root a link into the tree":
         (tmp_path / "link").symlink_to(root, target_is_directory=True)
         out = tmp_path / "link" / "results"
+    if case == "converted/ a link into the tree":  # e.g. made to put converted files on a bigger disk
+        out.mkdir()
+        (out / "converted").symlink_to(root / "eng_spa_owt_run_1", target_is_directory=True)
     before = tree_state(str(root))
     proc = snakemake(str(root), str(out), "-n", config=config)
     text = proc.stdout + proc.stderr

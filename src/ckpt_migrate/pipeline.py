@@ -186,10 +186,14 @@ def placement_problem(input_root: str, output_root: str) -> str:
     if os.path.commonpath([out, tree]) == tree:
         return (f"output_root {out} is inside input_root {tree}: the checkpoint tree is only ever read "
                 f"(set output_root elsewhere)")
-    for folder in OUTPUT_FOLDERS:
-        if os.path.commonpath([tree, os.path.join(out, folder)]) == os.path.join(out, folder):
-            return (f"input_root {tree} is inside {os.path.join(out, folder)}, where the pipeline writes: "
+    for name in OUTPUT_FOLDERS:
+        folder = os.path.realpath(os.path.join(out, name))  # a folder there may be a link elsewhere
+        if os.path.commonpath([tree, folder]) == folder:
+            return (f"input_root {tree} is inside {folder}, where the pipeline writes: "
                     f"its outputs could land on the checkpoints (set output_root elsewhere)")
+        if os.path.commonpath([tree, folder]) == tree:
+            return (f"{os.path.join(out, name)} leads into input_root {tree} (a link): the pipeline writes "
+                    f"there, and the checkpoint tree is only ever read (remove the link)")
     return ""
 
 
