@@ -229,7 +229,7 @@ def storage_findings(config: dict) -> list[Finding]:
 
     for problem in (placement_problem(root, out), glob_problem(str(config.get("glob", "*")))):
         if problem:
-            what, _, fix = problem.partition(" (")
+            what, _, fix = problem.rpartition(" (")  # the fix is the closing parenthesis
             found.append(Finding("FAIL", what, fix.rstrip(")")))
     probe_dir = out
     while not os.path.exists(probe_dir):
