@@ -180,20 +180,21 @@ OUTPUT_FOLDERS = ("manifests", "checks", "converted", "staged", "attempts", "bat
 
 def placement_problem(input_root: str, output_root: str) -> str:
     """Why writing to ``output_root`` could write into the tree at ``input_root`` ("" if it cannot):
-    output_root inside the tree, or the tree inside one of the folders the pipeline writes (a
-    converted file's path mirrors its source's). Links are resolved: the real places count."""
+    output_root inside the tree, the tree inside one of the folders the pipeline writes (a
+    converted file's path mirrors its source's), or one of those folders a link into the tree.
+    Links are resolved: the real places count."""
     tree, out = os.path.realpath(os.path.expanduser(input_root)), os.path.realpath(os.path.expanduser(output_root))
     if os.path.commonpath([out, tree]) == tree:
         return (f"output_root {out} is inside input_root {tree}: the checkpoint tree is only ever read "
                 f"(set output_root elsewhere)")
     for name in OUTPUT_FOLDERS:
         folder = os.path.realpath(os.path.join(out, name))  # a folder there may be a link elsewhere
+        if folder != os.path.join(out, name) and os.path.commonpath([tree, folder]) == tree:
+            return (f"{os.path.join(out, name)} is a link into input_root {tree}: the pipeline writes there, "
+                    f"and the checkpoint tree is only ever read (remove the link)")
         if os.path.commonpath([tree, folder]) == folder:
             return (f"input_root {tree} is inside {folder}, where the pipeline writes: "
                     f"its outputs could land on the checkpoints (set output_root elsewhere)")
-        if os.path.commonpath([tree, folder]) == tree:
-            return (f"{os.path.join(out, name)} leads into input_root {tree} (a link): the pipeline writes "
-                    f"there, and the checkpoint tree is only ever read (remove the link)")
     return ""
 
 
