@@ -3,7 +3,8 @@
 Recorded in every converted file and check record, and the ``convert`` rule's rerun trigger:
 a change to any of these modules makes Snakemake redo every conversion, and ``verify-outputs``
 names files made by another converter. Report, plotting and workflow code are not part of it,
-so changing them redoes nothing.
+so changing them redoes nothing. The detector's and the report's fingerprints do the same for
+manifests and for the report's cached rows.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ CONVERTER_MODULES = ("safe_pickle.py", "loader.py", "detect.py", "families.py", 
 DETECTOR_MODULES = ("safe_pickle.py", "detect.py", "converted.py", "families.py", "isolate.py")
 
 
+# What decides a report row from a manifest and a check record: the row code and the metric list.
+REPORT_MODULES = ("pipeline.py", "metrics.py")
+
+
 def converter_fingerprint() -> str:
     """16 hex characters of the sha256 over the converter modules' source, in a fixed order."""
     return _fingerprint(CONVERTER_MODULES)
@@ -30,6 +35,11 @@ def converter_fingerprint() -> str:
 def detector_fingerprint() -> str:
     """The same over the modules that decide a manifest (a changed reader redoes every detection)."""
     return _fingerprint(DETECTOR_MODULES)
+
+
+def report_fingerprint() -> str:
+    """The same over the code that makes report rows (cached rows made by other code are made again)."""
+    return _fingerprint(REPORT_MODULES)
 
 
 @functools.lru_cache(maxsize=None)  # the modules do not change under a running process

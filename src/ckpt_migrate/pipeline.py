@@ -640,8 +640,9 @@ def write_report(layout: OutputLayout) -> list[dict]:
     A row whose manifest and check record are the very files (same size, mtime and inode) it was made
     from last time is taken from the report's own index instead of reading them again: with
     10,000 files, reading every manifest is most of a rerun's time."""
-    with open(__file__, "rb") as f:  # rows made by other report code are made again
-        version = hashlib.sha256(f.read()).hexdigest()[:16]
+    from .fingerprint import report_fingerprint
+
+    version = report_fingerprint()  # rows made by other report code are made again
     index = _read_index(layout.report_index)
     index = index.get("rows", {}) if index.get("version") == version else {}
     new_index: dict[str, dict] = {}
