@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from results_file import save_result
+from results_file import print_and_save
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
@@ -160,9 +160,7 @@ def main() -> int:
     result["ratios"] = {"wall naive/ours": naive["wall_s"] / ours["wall_s"],
                         "rchar naive/ours": naive["rchar"] / max(ours["rchar"], 1),
                         "maxrss naive/ours": naive["maxrss_kib"] / ours["maxrss_kib"]}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        save_result(args.out, result)
+    print_and_save(result, args.out)
     return 0
 
 

@@ -5,9 +5,9 @@ one full-size conversion with its write — against the full-size file's weight 
 
     PYTHONPATH=src python3 benchmarks/bench_gpu_memory_split.py --dir /tmp/bench --work /tmp/gms
 """
-import argparse, json, os, sys, threading, time
+import argparse, os, sys, threading, time
 
-from results_file import save_result
+from results_file import print_and_save
 
 
 def anon_kib() -> int:
@@ -52,7 +52,6 @@ def main() -> int:
                           os.path.join(a.work, "tiny", "best_state_100.pt"))
     settings = CheckSettings(length=2048, device=a.device)
     assert convert_file(tiny, os.path.join(a.work, "tiny_out.pt"), settings)["status"] == "converted"
-    before = max(samples + [anon_kib()])
     step("tiny warm-up conversion")
     src = os.path.join(a.dir, "eng_spa_owt_run_1", "best_state_1770.pt")
     weights = detect(src)["weight_bytes"]
@@ -65,10 +64,8 @@ def main() -> int:
     out = {"weight_bytes": weights, "device": a.device,
            "peak_anon_over_weights": {k: round(v * 1024 / weights, 3) for k, v in steps.items()},
            "full_conversion_rise_over_weights": round((steps["full-size conversion"] - base) * 1024 / weights, 3),
-           "tiny_warmup_peak_over_weights": round(before * 1024 / weights, 3)}
-    print(json.dumps(out, indent=1))
-    if a.out:
-        save_result(a.out, out)
+           "tiny_warmup_peak_over_weights": round(steps["tiny warm-up conversion"] * 1024 / weights, 3)}
+    print_and_save(out, a.out)
     return 0
 
 

@@ -9,3 +9,10 @@ def save_result(path: str, result: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=1, default=str)
+
+
+def print_and_save(result: dict, path: str | None) -> None:
+    """Print ``result`` as indented JSON, and save it at ``path`` when one is given."""
+    print(json.dumps(result, indent=1, default=str))
+    if path:
+        save_result(path, result)
