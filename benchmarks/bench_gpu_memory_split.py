@@ -1,9 +1,12 @@
 """Where a GPU conversion's host memory goes (issue 12's memory target on the GPU host): peak
-anonymous memory of one process at each step — interpreter, torch imported, CUDA initialized, a
-warm-up conversion of a tiny model (the same code path: flex and sdpa attention, cuBLAS), then
-one full-size conversion with its write — against the full-size file's weight bytes.
+anonymous memory of one process at each step — interpreter, torch imported, CUDA initialized,
+then each piece the check uses for the first time (a cuBLAS matmul, sdpa with a dense mask, the
+reference's written-out attention; with --flex also a flex block mask and eager flex attention,
+which the reference used before), a warm-up conversion of a tiny model (the same code path),
+then one full-size conversion with its write — against the full-size file's weight bytes. At
+the end, the mappings that hold the most anonymous memory (/proc/self/smaps).
 
-    PYTHONPATH=src python3 benchmarks/bench_gpu_memory_split.py --dir /tmp/bench --work /tmp/gms
+    PYTHONPATH=src python3 benchmarks/bench_gpu_memory_split.py --dir /tmp/bench --work /tmp/gms [--flex]
 """
 import argparse, os, sys, threading, time
 
@@ -15,11 +18,25 @@ def anon_kib() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
 
 
+def largest_anonymous_mappings(top: int = 12) -> dict:
+    """MiB of anonymous memory per mapping name (a library's copied-on-write pages, [heap], ...)."""
+    sizes, name = {}, "?"
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and ":" not in fields[0]:
+                name = fields[5] if len(fields) > 5 else "[anonymous]"
+            elif fields[0] == "Anonymous:":
+                sizes[name] = sizes.get(name, 0) + int(fields[1])
+    return {k: round(v / 1024, 1) for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])[:top]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--flex", action="store_true", help="also run eager flex attention first")
     ap.add_argument("--out")
     a = ap.parse_args()
     samples, stop = [], threading.Event()
@@ -42,6 +59,22 @@ def main() -> int:
         torch.zeros(1, device="cuda")
         torch.cuda.synchronize()
     step("CUDA initialized")
+    import torch.nn.functional as F
+    from ckpt_migrate import models
+    a_ = torch.randn(256, 256, device=a.device)
+    (a_ @ a_).sum().item()
+    step("cuBLAS matmul")
+    ids = torch.randint(0, 1000, (1, 2048), device=a.device)
+    q = torch.randn(1, 2, 2048, 64, device=a.device)
+    F.scaled_dot_product_attention(q, q, q, attn_mask=models.dense_mask(ids, 999, 8)).sum().item()
+    step("sdpa, dense mask")
+    models.attend(q, q, q, models.math_mask(ids, 999, 8)).sum().item()
+    step("attention written out")
+    if a.flex:
+        block_mask = models.flex_block_mask(ids, 999, 8)
+        step("flex block mask")
+        models.attend(q, q, q, block_mask).sum().item()
+        step("flex attention (eager)")
     from ckpt_migrate import synthetic
     from ckpt_migrate.check import CheckSettings
     from ckpt_migrate.conversion import convert_file
@@ -61,7 +94,8 @@ def main() -> int:
     assert result["status"] == "converted", result
     step("full-size conversion")
     stop.set()
-    out = {"weight_bytes": weights, "device": a.device,
+    out = {"modules_loaded": {m: m in sys.modules for m in ("torch._dynamo", "torch._inductor", "triton")},
+           "largest_anonymous_mappings_mib": largest_anonymous_mappings(),"weight_bytes": weights, "device": a.device,
            "peak_anon_over_weights": {k: round(v * 1024 / weights, 3) for k, v in steps.items()},
            "full_conversion_rise_over_weights": round((steps["full-size conversion"] - base) * 1024 / weights, 3),
            "tiny_warmup_peak_over_weights": round(steps["tiny warm-up conversion"] * 1024 / weights, 3)}

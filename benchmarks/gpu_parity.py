@@ -5,7 +5,7 @@
 1. Writes full-size checkpoints in the upstream layouts (small v1 and v2: 12 layers, D 768,
    6 heads; medium: 16 layers, D 1024, 8 heads; vocab 50257, so upstream's document separator
    50256 is a real token) and runs ``check_file`` on each in fp32 and bf16 at 2 x 2048 and
-   8 x 1024 tokens: the reference (flex attention, original layout) against GPTBatched (sdpa,
+   8 x 1024 tokens: the reference (original layout, attention written out) against GPTBatched (sdpa,
    converted weights). At 2048 tokens both end-of-training windows (1792 and 896) bite.
 2. With ``--upstream DIR`` holding ``small_v1.py``, ``small_v2.py`` and ``medium.py`` (the
    upstream scripts at 378c4e30, 345b2fb9 and 06743860; not part of this project), executes

@@ -53,6 +53,35 @@ def test_mapping_v1_packs_scalars(small_v1_path):
     assert torch.equal(s[3 * L + 14: 3 * L + 16], torch.tensor([0.5, 0.5]))  # layer 7: unused default
 
 
+def test_built_tensors_are_made_on_the_device_asked_for(small_v2_path):
+    """qkvo_w and scalars are built where the check runs (on a GPU host: not in host memory);
+    tensors copied whole stay the source's own."""
+    record, small = _converted(small_v2_path)[:2]
+    out = convert_state_dict(small, GPTConfig.from_record(record), device="meta")
+    assert {k for k, v in out.items() if v.device.type == "meta"} == (
+        {"scalars"} | {k for k in out if k.endswith("qkvo_w")})
+    assert out["lm_head_w"] is small["lm_head.weight"]
+
+
+def test_weights_on_another_device_are_recorded_as_cpu_storages(monkeypatch):
+    """torch.save records where a storage lives; a converted file must say "cpu" for weights
+    built on a GPU, and save refuses to write one that would not."""
+    import io
+
+    from ckpt_migrate import converted
+
+    elsewhere = torch.empty(4, device="meta")
+    tag = lambda: torch.serialization.location_tag(elsewhere.untyped_storage())  # noqa: E731
+    assert tag() == "meta"
+    with converted.recorded_as_cpu([elsewhere, torch.ones(2)]):
+        assert tag() == "cpu"
+    assert tag() == "meta"
+    import contextlib
+    monkeypatch.setattr(converted, "recorded_as_cpu", lambda tensors: contextlib.nullcontext())
+    with pytest.raises(RuntimeError, match=r"recorded on \['meta'\]"):
+        converted.save({"model": {"w": elsewhere, "b": torch.ones(2)}}, io.BytesIO())
+
+
 def test_unmapped_key_raises_with_its_name(small_v2_path):
     _, small, cfg, _ = _converted(small_v2_path)
     with pytest.raises(UnmappedKeyError, match="blocks.1.attn.rotary.cos"):
@@ -133,6 +162,19 @@ def test_failed_write_leaves_nothing_at_the_final_path(small_v2_path, tmp_path, 
 def test_medium_reference_and_gptbatched_agree(medium_path):
     result = check_file(medium_path, SETTINGS)
     assert result["check_passed"] and result["max_abs_logit_diff"] < 1e-4
+
+
+def test_a_conversion_and_check_leave_torch_compile_machinery_unloaded(small_v2_path, medium_path, tmp_path, python):
+    """The reference forward writes its attention out instead of running eager flex, which loads
+    dynamo and inductor: ~0.45x a full-size file's weights in host memory on a GPU host
+    (benchmarks/RESULTS.md). A conversion of a small file and a check of a medium one load neither."""
+    code = ("import sys; from ckpt_migrate.conversion import convert_file, check_file; "
+            "from ckpt_migrate.check import CheckSettings; s = CheckSettings(length=256); "
+            f"print(convert_file({small_v2_path!r}, {str(tmp_path / 'c.pt')!r}, s)['status'], "
+            f"check_file({medium_path!r}, s)['check_passed'], "
+            "sorted(m for m in ('torch._dynamo', 'torch._inductor', 'triton') if m in sys.modules))")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "converted True []", out.stderr
 
 
 def test_bf16_check_follows_training_dtype_flow(small_v2_path):

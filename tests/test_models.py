@@ -81,15 +81,21 @@ def _tokens(T: int, eot: int | None, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", ["small", "medium"])
-def test_flex_and_sdpa_agree_with_documents_and_windows(family):
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+def test_every_attention_agrees_with_upstream_flex_with_documents_and_windows(family, attention):
     cfg = tiny_config(family)
     flex = _randomize(GPTBatched(cfg, attention="flex"), 0)
-    sdpa = GPTBatched(cfg, attention="sdpa")
-    sdpa.load_state_dict(flex.state_dict())
+    other = GPTBatched(cfg, attention=attention)
+    other.load_state_dict(flex.state_dict())
     ids = _tokens(768, cfg.eot_token)
     with torch.no_grad():
-        diff = (flex(ids) - sdpa.eval()(ids)).abs().max().item()
+        diff = (flex(ids) - other.eval()(ids)).abs().max().item()
     assert diff < 1e-4
+
+
+def test_unknown_attention_is_refused_by_name():
+    with pytest.raises(ValueError, match="'fused'"):
+        GPTBatched(tiny_config("small"), attention="fused")
 
 
 @pytest.mark.parametrize("family", ["small", "medium"])
@@ -163,16 +169,18 @@ def test_input_must_be_two_dimensional():
         GPTBatched(tiny_config("small"))(torch.zeros(8, dtype=torch.long))
 
 
-def test_cpu_flex_attention_one_head_at_a_time_gives_the_same_numbers(monkeypatch):
-    """Above SPLIT_HEADS_SCORE_BYTES the CPU runs eager flex one head at a time (for memory):
-    the result must be the all-heads result, with documents and a window in the mask."""
+@pytest.mark.parametrize("attention", ["math", "flex"])
+def test_cpu_attention_one_head_at_a_time_gives_the_same_numbers(monkeypatch, attention):
+    """Above SPLIT_HEADS_SCORE_BYTES the CPU runs the attentions that write out their scores one
+    head at a time (for memory): the result must be the all-heads result, with documents and a
+    window in the mask."""
     from ckpt_migrate import models
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 384, 32, generator=gen) for _ in range(3))
     ids = torch.randint(0, 50, (2, 384), generator=gen)
     ids[:, 100] = ids[:, 250] = 7  # document separators
-    mask = models.flex_block_mask(ids, eot_token=7, window_blocks=2)
+    mask = models.MASK_BUILDERS[attention](ids, eot_token=7, window_blocks=2)
     whole = models.attend(q, k, v, mask)
     monkeypatch.setattr(models, "SPLIT_HEADS_SCORE_BYTES", 0)
     split = models.attend(q, k, v, mask)

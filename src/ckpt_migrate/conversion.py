@@ -56,12 +56,13 @@ def build_model(cls, cfg: GPTConfig, state_dict: dict[str, torch.Tensor], **kwar
 
 
 def reference_model(record: ManifestRecord, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The family's training-time forward in its original layout (flex attention)."""
+    """The family's training-time forward in its original layout, attention written out ("math":
+    what eager flex computes, a different computation from the candidate's sdpa kernel)."""
     cfg = GPTConfig.from_record(record)
     if record["format"] == "small":
-        return build_model(GPTFlexAttention, cfg, state_dict, variant=record["variant"],
+        return build_model(GPTFlexAttention, cfg, state_dict, variant=record["variant"], attention="math",
                            scalars_len=state_dict["scalars"].numel() if "scalars" in state_dict else None)
-    return build_model(GPTBatched, cfg, state_dict, attention="flex")
+    return build_model(GPTBatched, cfg, state_dict, attention="math")
 
 
 def _bytes_read() -> int | None:
@@ -129,7 +130,9 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
         _progress("convert", t0)
         cfg = GPTConfig.from_record(record)
         t1 = time.perf_counter()
-        converted = convert_state_dict(small, cfg)
+        # Built on the check's device: the candidate needs them there, and the write copies them
+        # back one at a time (a GPU host never holds all of them: 0.13x the weights at full size).
+        converted = convert_state_dict(small, cfg, settings.resolved_device())
         timings["convert_s"] = time.perf_counter() - t1
     except (ConversionError, CheckpointError) as exc:
         result["reason"] = str(exc)
@@ -210,7 +213,7 @@ class _BackgroundWrite:
         _progress("write", self._t0)
         try:
             self.outcome["sha256"], self.outcome["bytes"] = self.file.write_with(
-                lambda f: torch.save(self._payload, f))
+                lambda f: converted_format.save(self._payload, f))
         except (OSError, RuntimeError) as exc:  # torch's zip writer re-raises a failed write as RuntimeError
             cause = exc
             while cause is not None and not isinstance(cause, OSError):
@@ -227,7 +230,8 @@ class _BackgroundWrite:
 
 
 def check_file(path: str, settings: CheckSettings | None = None, source: str | None = None) -> dict:
-    """Logit check of any checkpoint: small (converted in memory), medium (flex vs sdpa), or converted.
+    """Logit check of any checkpoint: small (converted in memory), medium (its
+    training-time forward against GPTBatched's), or converted.
 
     A converted file is checked against ``source``, the file it was converted from; a path
     recorded inside the converted file is never followed on its own."""

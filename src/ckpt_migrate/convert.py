@@ -3,7 +3,9 @@
 Every small key must match exactly one row of :data:`KEY_MAP`; an unmatched key raises
 :class:`UnmappedKeyError` with its name. Each copy checks shapes first. Tensors that are
 copied whole are passed through (no copy, dtype kept); ``qkvo_w`` and ``scalars`` are built
-in the promoted dtype of their sources, so nothing is silently downcast.
+in the promoted dtype of their sources, so nothing is silently downcast, on the device asked
+for (the check's: on a GPU host the built tensors then never take host memory, see
+:func:`ckpt_migrate.converted.save`).
 """
 
 from __future__ import annotations
@@ -63,8 +65,10 @@ def _expect_shape(key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> Non
         raise ConversionError(f"{key}: shape {list(tensor.shape)} does not fit {list(shape)}")
 
 
-def convert_state_dict(small: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
-    """GPTBatched state dict from a prefix-stripped small (v1 or v2) state dict."""
+def convert_state_dict(small: dict[str, torch.Tensor], cfg: GPTConfig,
+                       device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """GPTBatched state dict from a prefix-stripped small (v1 or v2) state dict; the tensors it
+    builds (``qkvo_w``, ``scalars``) are allocated on ``device``."""
     hdim = cfg.num_heads * cfg.head_dim
     if hdim != cfg.model_dim:
         raise ConversionError(f"hdim {hdim} != model_dim {cfg.model_dim}: c_proj.weight [D, hdim] "
@@ -104,9 +108,9 @@ def convert_state_dict(small: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[s
             dtype = torch.promote_types(dtype, tensor.dtype)
         if target == "scalars":
             # Slots that the small family never reads keep upstream's initial values.
-            result = torch.tensor(layout.initial(), dtype=dtype)
+            result = torch.tensor(layout.initial(), dtype=dtype, device=device)
         else:
-            result = torch.empty(shape, dtype=dtype)
+            result = torch.empty(shape, dtype=dtype, device=device)
         filled = set()
         for key, how, layer, tensor in sources:
             if how == "qkvo[0:3]":
@@ -126,7 +130,7 @@ def convert_state_dict(small: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[s
                     raise ConversionError(f"{key}: {tensor.numel()} scalars, expected at least {layout.size}")
                 src, dst = _scalar_slice(how, layer, layout, tensor.numel())
                 _expect_shape(key, tensor[src], result[dst].shape)
-                result[dst] = tensor[src].to(dtype)
+                result[dst].copy_(tensor[src])
                 filled.add(how)
             else:
                 raise ConversionError(f"{key}: {how} cannot share target {target!r} with other keys")

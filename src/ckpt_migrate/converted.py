@@ -7,7 +7,8 @@ Every field read back from one is validated, since a file that claims this forma
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import IO, Any
 
 from . import __version__
 from .families import FAMILIES, MAX_LAYERS, GPTConfig, gptbatched_expected_shapes, shape_differences
@@ -40,6 +41,54 @@ def payload(source: dict, state_dict: dict, cfg: GPTConfig, had_optimizer: bool)
         "optimizer_state": ("not carried (the source has optimizer state)" if had_optimizer
                             else "not carried (the source has none)"),
     }
+
+
+# torch.save records the device each storage lives on, and a file that says "cuda:0" does not
+# load on a CPU node without map_location. Tensors built on the check's GPU are written from
+# there (torch copies one storage at a time to the host: the host never holds them all) and
+# recorded as "cpu" by this tagger, which torch.serialization asks before its own: same bytes,
+# and torch.load puts them on the CPU.
+_RECORDED_AS_CPU: set[tuple[str, int]] = set()  # (device, data_ptr) of storages being saved
+_tagger_registered = False
+
+
+def _tag_as_cpu(storage) -> str | None:
+    if storage.device.type != "cpu" and (str(storage.device), storage.data_ptr()) in _RECORDED_AS_CPU:
+        return "cpu"
+    return None
+
+
+def _never_restores(storage, location):  # loading is left to torch's own deserializers
+    return None
+
+
+@contextlib.contextmanager
+def recorded_as_cpu(tensors):
+    """While open, torch.save records the storages of ``tensors`` as CPU storages."""
+    import torch  # here: detection reads converted files without torch
+
+    global _tagger_registered
+    if not _tagger_registered:
+        torch.serialization.register_package(0, _tag_as_cpu, _never_restores)
+        _tagger_registered = True
+    keys = {(str(t.device), t.untyped_storage().data_ptr()) for t in tensors if t.device.type != "cpu"}
+    _RECORDED_AS_CPU.update(keys)
+    try:
+        yield
+    finally:
+        _RECORDED_AS_CPU.difference_update(keys)
+
+
+def save(content: dict, file: IO[bytes]) -> None:
+    """torch.save of a :func:`payload`, every weight recorded as a CPU tensor wherever it lives now."""
+    import torch
+
+    tensors = list(content["model"].values())
+    with recorded_as_cpu(tensors):
+        devices = {torch.serialization.location_tag(t.untyped_storage()) for t in tensors}
+        if devices != {"cpu"}:  # a converted file must load anywhere without map_location
+            raise RuntimeError(f"converted weights would be recorded on {sorted(devices - {'cpu'})}, not the CPU")
+        torch.save(content, file)
 
 
 def is_converted(obj: Any) -> bool:

@@ -4,13 +4,15 @@
   (``qkv_w`` + ``c_proj``, ``c_fc``/``c_proj``, ``lm_head``; v1 separate scalars or v2 packed).
 - :class:`GPTBatched`: the lab's evaluation layout (train_gpt_medium.py's names: ``qkvo_w``,
   ``fc_w``, ``proj_w``, ``lm_head_w``, packed ``scalars``), configured by
-  :class:`~ckpt_migrate.families.GPTConfig` to reproduce either family. With
-  ``attention="flex"`` it is the medium family's training-time reference.
+  :class:`~ckpt_migrate.families.GPTConfig` to reproduce either family.
 
 Both take token ids ``[B, T]`` and return float32 logits ``[B, T, padded_vocab]`` after the
-family's soft-cap: the numbers the validation loss saw. The flex path builds block masks whose
-``mask_mod`` carries the sliding window itself (eager flex ignores a block mask's block counts,
-upstream put the window only there); the sdpa path uses the same rule as a dense boolean mask.
+family's soft-cap: the numbers the validation loss saw. Attention takes one mask rule (causal,
+same document, key block within the layer's window) three ways: ``"sdpa"`` (a dense boolean
+mask, the evaluation model's), ``"math"`` (the same mask, softmax written out: what eager flex
+computes, used by the check's reference forward) and ``"flex"`` (upstream's flex attention, whose
+block masks' ``mask_mod`` carries the sliding window itself: eager flex ignores a block mask's
+block counts, where upstream put the window; kept for the tests that hold the others to it).
 Computation runs in the embedding dtype and every weight is cast to it at use, as upstream does:
 fp32 models compute in fp32 throughout, bf16 embeddings give the training-time bf16 flow.
 """
@@ -18,6 +20,7 @@ fp32 models compute in fp32 throughout, bf16 embeddings give the training-time b
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -86,29 +89,55 @@ def flex_block_mask(input_ids: torch.Tensor, eot_token: int | None, window_block
     return create_block_mask(mask_mod, B, None, T, T, device=input_ids.device)
 
 
-# Above this size of fp32 attention scores, eager flex attention on the CPU runs one head at a
-# time (T = 2048 with 6 heads: 100 MB; at T = 256 a split would only add per-call overhead).
+class MathMask(NamedTuple):
+    """A dense boolean mask that asks :func:`attend` for attention written out step by step."""
+
+    allowed: torch.Tensor  # (B, 1, T, T)
+
+
+def math_mask(input_ids: torch.Tensor, eot_token: int | None, window_blocks: int) -> MathMask:
+    return MathMask(dense_mask(input_ids, eot_token, window_blocks))
+
+
+def math_attention(q, k, v, allowed) -> torch.Tensor:
+    """softmax(q kᵀ · scale | mask) v over (B, H, T, hd), scores and softmax in fp32: what eager
+    flex attention computes, without its tracing machinery (dynamo and inductor, which flex
+    imports and runs on every call: ~0.45x a full-size file's weights in host memory on a GPU
+    host, and seconds of start-up)."""
+    scores = (q @ k.transpose(-2, -1)).float().mul_(ATTN_SCALE)  # (B, H, T, T)
+    scores.masked_fill_(~allowed, float("-inf"))  # every row keeps its own position
+    return torch.softmax(scores, dim=-1).to(v.dtype) @ v  # (B, H, T, hd)
+
+
+# Above this size of fp32 attention scores, the attention that writes out its scores (math, eager
+# flex) runs one head at a time on the CPU (T = 2048 with 6 heads: 100 MB, and several copies of it;
+# at T = 256 a split would only add per-call overhead).
 SPLIT_HEADS_SCORE_BYTES = 64 << 20
 
 
 def attend(q, k, v, mask) -> torch.Tensor:
-    """Attention over (B, H, T, hd) with either a flex BlockMask or a dense boolean mask."""
+    """Attention over (B, H, T, hd): sdpa for a dense boolean mask, :func:`math_attention` for a
+    :class:`MathMask`, eager flex attention for a flex BlockMask."""
     if isinstance(mask, torch.Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ATTN_SCALE)
+    B, H, T, _ = q.shape
+    if q.device.type == "cpu" and H > 1 and B * H * T * T * 4 > SPLIT_HEADS_SCORE_BYTES:
+        # Heads are independent and share the mask: one at a time gives the same numbers with a
+        # sixth of the memory, and is faster on the CPU too.
+        return torch.cat([attend(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], mask) for h in range(H)], dim=1)
+    if isinstance(mask, MathMask):
+        return math_attention(q, k, v, mask.allowed)
     import warnings
 
     from torch.nn.attention.flex_attention import flex_attention
 
     with warnings.catch_warnings():  # eager flex warns that it is unfused; that is intended here
         warnings.simplefilter("ignore", UserWarning)
-        B, H, T, _ = q.shape
-        if q.device.type != "cpu" or B * H * T * T * 4 <= SPLIT_HEADS_SCORE_BYTES:
-            return flex_attention(q, k, v, block_mask=mask, scale=ATTN_SCALE)
-        # Eager flex materializes (B, H, T, T) scores and several copies of them: ~0.7 GB at
-        # T = 2048 on the CPU. Heads are independent, so one at a time gives the same numbers
-        # with a sixth of that (the mask is the same for every head), and is faster there too.
-        return torch.cat([flex_attention(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], block_mask=mask,
-                                         scale=ATTN_SCALE) for h in range(q.shape[1])], dim=1)
+        return flex_attention(q, k, v, block_mask=mask, scale=ATTN_SCALE)
+
+
+# How each attention implementation takes the mask rule (see attend).
+MASK_BUILDERS = {"sdpa": dense_mask, "math": math_mask, "flex": flex_block_mask}
 
 
 def softcap(z: torch.Tensor, family: Family, model_dim: int) -> torch.Tensor:
@@ -238,8 +267,8 @@ class _GPT(nn.Module):
 
     def __init__(self, cfg: GPTConfig, attention: str, device=None):
         super().__init__()
-        if attention not in ("flex", "sdpa"):
-            raise ValueError(f"attention must be 'flex' or 'sdpa', not {attention!r}")
+        if attention not in MASK_BUILDERS:
+            raise ValueError(f"attention must be one of {sorted(MASK_BUILDERS)}, not {attention!r}")
         self.cfg = cfg
         self.attention = attention
         # Activations' dtype; None = the embeddings' (upstream: bf16 embeddings, bf16 activations).
@@ -258,7 +287,7 @@ class _GPT(nn.Module):
         raise NotImplementedError
 
     def _masks(self, input_ids):
-        make = flex_block_mask if self.attention == "flex" else dense_mask
+        make = MASK_BUILDERS[self.attention]
         windows = {self.cfg.window_blocks(i) for i in range(self.cfg.num_layers)}
         return {w: make(input_ids, self.cfg.eot_token, w) for w in windows}
 
