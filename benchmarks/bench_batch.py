@@ -21,7 +21,7 @@ Python process, timed from the parent. Columns:
   (first and last: it must not grow with N).
 
 ``--write-runs R`` also times the converted file's write alone: ``PendingFile.write_with``
-(torch.save through the sha256 writer, then fsync) against a plain sequential write plus fsync of
+(``converted.save`` through the sha256 writer, then fsync) against a plain sequential write plus fsync of
 the same bytes from memory on the same disk, alternating, R runs each (target: <= 1.3x).
 """
 
@@ -76,7 +76,7 @@ import torch
 from ckpt_migrate.atomic import PendingFile
 from ckpt_migrate.convert import convert_state_dict
 from ckpt_migrate.families import GPTConfig
-from ckpt_migrate.converted import payload as converted_payload
+from ckpt_migrate.converted import payload as converted_payload, save as converted_save
 from ckpt_migrate.conversion import load_source
 src, work, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 record, checkpoint, small = load_source(src, None)
@@ -86,7 +86,7 @@ ours_path, plain_path = os.path.join(work, "ours.pt"), os.path.join(work, "plain
 def ours():
     pending = PendingFile(ours_path)
     t = time.perf_counter()
-    pending.write_with(lambda f: torch.save(payload, f))
+    pending.write_with(lambda f: converted_save(payload, f))
     took = time.perf_counter() - t
     pending.commit()
     return took

@@ -79,16 +79,24 @@ def recorded_as_cpu(tensors):
         _RECORDED_AS_CPU.difference_update(keys)
 
 
-def save(content: dict, file: IO[bytes]) -> None:
-    """torch.save of a :func:`payload`, every weight recorded as a CPU tensor wherever it lives now."""
+def save(content: dict, file: IO[bytes], parallel_crc: bool = True) -> None:
+    """torch.save of a :func:`payload`, every weight recorded as a CPU tensor wherever it lives now,
+    the zip's CRCs computed beside the write on several cores (:mod:`ckpt_migrate.zip_crc`; it
+    raises ZipLayoutError if this torch's archive is laid out otherwise: then write the file
+    again with ``parallel_crc=False``)."""
     import torch
+
+    from .zip_crc import save_with_parallel_crc
 
     tensors = list(content["model"].values())
     with recorded_as_cpu(tensors):
         devices = {torch.serialization.location_tag(t.untyped_storage()) for t in tensors}
         if devices != {"cpu"}:  # a converted file must load anywhere without map_location
             raise RuntimeError(f"converted weights would be recorded on {sorted(devices - {'cpu'})}, not the CPU")
-        torch.save(content, file)
+        if parallel_crc:
+            save_with_parallel_crc(content, file)
+        else:
+            torch.save(content, file)
 
 
 def is_converted(obj: Any) -> bool:

@@ -16,7 +16,7 @@ import os
 # Reading and loading (what is converted), layout tables and conversion, the models' forwards,
 # the logit check, and the file format written (and how it is written).
 CONVERTER_MODULES = ("safe_pickle.py", "loader.py", "detect.py", "families.py", "convert.py", "models.py",
-                     "check.py", "conversion.py", "converted.py", "atomic.py")
+                     "check.py", "conversion.py", "converted.py", "zip_crc.py", "atomic.py")
 
 
 # What decides a manifest: the reader, the classification, and the isolation around it.
