@@ -63,6 +63,20 @@ def test_built_tensors_are_made_on_the_device_asked_for(small_v2_path):
     assert out["lm_head_w"] is small["lm_head.weight"]
 
 
+@pytest.mark.parametrize("device, reason", [
+    ("gpu", "check device 'gpu' is not one of auto, cpu, cuda, cuda:N"),
+    ("cuda:64", "check device 'cuda:64': this process sees"),
+])
+def test_a_device_that_is_not_there_is_a_failed_record(small_v2_path, tmp_path, python, device, reason):
+    dst = tmp_path / "out.pt"
+    result = convert_file(small_v2_path, str(dst), dataclasses.replace(SETTINGS, device=device))
+    assert result["status"] == "failed" and result["reason"].startswith(reason)
+    assert os.listdir(tmp_path) == []
+    out = subprocess.run([python, "-m", "ckpt_migrate.cli", "check", small_v2_path, "--device", device],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.startswith(f"error: {reason}") and "Traceback" not in out.stderr
+
+
 def test_weights_on_another_device_are_recorded_as_cpu_storages(monkeypatch):
     """torch.save records where a storage lives; a converted file must say "cpu" for weights
     built on a GPU, and save refuses to write one that would not."""

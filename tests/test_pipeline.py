@@ -333,6 +333,8 @@ def test_check_settings_on_the_command_line(tmp_path):
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
     bad = snakemake(str(tmp_path / "tree"), str(tmp_path / "out"), "-n", config={"check": "{tolerance: small}"})
     assert bad.returncode != 0 and "'small' is not of type" in bad.stdout + bad.stderr
+    gpu = snakemake(str(tmp_path / "tree"), str(tmp_path / "out"), "-n", config={"check": "{device: gpu}"})
+    assert gpu.returncode != 0 and "'gpu' does not match" in gpu.stdout + gpu.stderr
     flat = snakemake(str(tmp_path / "tree"), str(tmp_path / "out"), "-n", config={"check_length": 1024})
     assert flat.returncode != 0
     assert "config keys check_length are now under check:" in flat.stdout + flat.stderr

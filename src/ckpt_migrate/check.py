@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from dataclasses import dataclass
 
@@ -22,6 +23,10 @@ from .heap import return_freed_memory
 log = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5}  # absolute, on soft-capped logits
+
+
+class CheckDeviceError(ValueError):
+    """The check's device is not a device, or this process cannot see it."""
 
 
 @dataclass
@@ -36,8 +41,18 @@ class CheckSettings:
     device: str = "auto"  # "auto" = cuda when available, else cpu
 
     def resolved_device(self) -> str:
+        """The device the check runs on; :class:`CheckDeviceError` names what is wrong with one
+        that is not a device or not there."""
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
+            raise CheckDeviceError(f"check device {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        if self.device != "cpu":
+            visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            index = int(self.device.partition(":")[2] or 0)
+            if index >= visible:
+                raise CheckDeviceError(f"check device {self.device!r}: this process sees {visible} CUDA GPU(s) "
+                                       f"(torch {torch.__version__}); use cpu or auto")
         return self.device
 
     def resolved_tolerance(self) -> float:

@@ -93,12 +93,13 @@ def cmd_convert(args) -> int:
 
 
 def cmd_check(args) -> int:
+    from .check import CheckDeviceError
     from .convert import ConversionError
     from .conversion import CheckpointError, check_file
 
     try:
         result = check_file(args.path, _settings(args), source=args.source)
-    except (CheckpointError, ConversionError) as exc:
+    except (CheckpointError, ConversionError, CheckDeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"{args.path}: check {'passed' if result['check_passed'] else 'FAILED'}")

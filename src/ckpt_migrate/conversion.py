@@ -17,7 +17,7 @@ import torch
 from . import __version__
 from . import converted as converted_format  # "converted" names the converted weights below
 from .atomic import PendingFile
-from .check import CheckSettings, logit_check
+from .check import CheckDeviceError, CheckSettings, logit_check
 from .convert import ConversionError, convert_state_dict
 from .detect import ManifestRecord, find_state_dict, record_from_inspection, strip_prefixes
 from .families import FAMILIES, GPTConfig
@@ -135,7 +135,7 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
         # back one at a time (a GPU host never holds all of them: 0.13x the weights at full size).
         converted = convert_state_dict(small, cfg, settings.resolved_device())
         timings["convert_s"] = time.perf_counter() - t1
-    except (ConversionError, CheckpointError) as exc:
+    except (ConversionError, CheckpointError, CheckDeviceError) as exc:
         result["reason"] = str(exc)
         return result
     # The output is written to a temporary file while the check runs (I/O beside compute), and
