@@ -195,6 +195,27 @@ def placement_problem(input_root: str, output_root: str) -> str:
         if os.path.commonpath([tree, folder]) == folder:
             return (f"input_root {tree} is inside {folder}, where the pipeline writes: "
                     f"its outputs could land on the checkpoints (set output_root elsewhere)")
+    return _link_into_tree(tree, out)
+
+
+def _link_into_tree(tree: str, out: str) -> str:
+    """A link planted deeper in the written folders (``converted/<run>`` → a run directory of the
+    tree) would take what is written below it into the tree. The pipeline makes no links, so
+    every one found is someone's; one that leads into the tree is named."""
+    for name in OUTPUT_FOLDERS:
+        pending = [os.path.join(out, name)]
+        while pending:
+            try:
+                entries = list(os.scandir(pending.pop()))
+            except OSError:  # not there (yet), or not a folder: nothing below it to follow
+                continue
+            for entry in entries:
+                if entry.is_symlink():
+                    if os.path.commonpath([tree, os.path.realpath(entry.path)]) == tree:
+                        return (f"{entry.path} is a link into input_root {tree}: the pipeline writes below "
+                                f"{os.path.join(out, name)}, and the checkpoint tree is only ever read (remove the link)")
+                elif entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
     return ""
 
 
