@@ -269,6 +269,28 @@ def test_placements_that_could_write_into_the_tree_are_refused(tmp_path, case, w
     assert "Traceback" not in text and tree_state(str(root)) == before
 
 
+def test_doctor_fails_the_same_placements_and_never_runs_a_glob_that_climbs_out(tmp_path):
+    """doctor names what the run would refuse, and counts matches only for a glob that stays in the tree."""
+    from ckpt_migrate.doctor import storage_findings
+
+    root, out = tmp_path / "clean_bbpe_50k", tmp_path / "results"
+    small_checkpoint(root / "eng_spa_owt_run_1/best_state_100.pt", seed=1)
+
+    def findings(glob):
+        return [(f.level, f.what) for f in storage_findings({"input_root": str(root), "output_root": str(out),
+                                                                "glob": glob})]
+
+    assert ("ok", f"input_root {root}: 1 file(s) match '*/best_state_*.pt'") in findings("*/best_state_*.pt")
+    climbing = findings("../clean_bbpe_50k/*/best_state_*.pt")
+    assert [level for level, what in climbing if "climbs out of input_root" in what] == ["FAIL"]
+    assert not any("file(s) match" in what for _, what in climbing)
+    (out / "converted").mkdir(parents=True)
+    (out / "converted" / "eng_spa_owt_run_1").symlink_to(root / "eng_spa_owt_run_1", target_is_directory=True)
+    planted = [what for level, what in findings("*/best_state_*.pt") if level == "FAIL" and "input_root" in what]
+    assert planted == [f"{out}/converted/eng_spa_owt_run_1 is a link into input_root {root}: the pipeline "
+                       f"writes there, and the checkpoint tree is only ever read"]
+
+
 def test_every_match_keeps_its_row_when_names_collide(tmp_path):
     root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
     small_checkpoint(root / "eng_spa_owt_run_1/best_state_100.pt", seed=1)

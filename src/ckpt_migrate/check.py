@@ -1,10 +1,10 @@
 """Logit check: does the converted model give the original model's logits?
 
 The reference (original weights, original layout, attention written out as eager flex computes
-it) and the candidate (GPTBatched on converted weights, the sdpa kernel) run on the same seeded random token batches.
-We report max/mean absolute logit difference, top-1 agreement, KL(reference || candidate)
-and both next-token losses; the check passes when every logit is finite and the max
-difference is within tolerance.
+it) and the candidate (GPTBatched on converted weights, the sdpa kernel) run on the same seeded
+random token batches. We report max/mean absolute logit difference, top-1 agreement,
+KL(reference || candidate) and both next-token losses; the check passes when every logit is
+finite and the max difference is within tolerance.
 """
 
 from __future__ import annotations

@@ -294,7 +294,7 @@ def record_from_inspection(path: str, inspection: ArchiveInspection,
             spec, record["step"], record["num_iterations"])
     if record["format"] == "medium":
         problems = shape_differences({k: tuple(v["shape"]) for k, v in record["tensors"].items()},
-                            gptbatched_expected_shapes(GPTConfig.from_record(record)))
+                                     gptbatched_expected_shapes(GPTConfig.from_record(record)))
         record["direct_load"] = {"ok": not problems, "problems": problems}
     record["status"] = status_for(record)
     return record

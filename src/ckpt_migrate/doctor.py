@@ -11,7 +11,6 @@ with the profile's settings and reports what it saw there (host, GPU, torch and 
 
 from __future__ import annotations
 
-import glob as globlib
 import json
 import os
 import shutil
@@ -215,19 +214,21 @@ def _status_finding(profile: dict) -> Finding:
 
 def storage_findings(config: dict) -> list[Finding]:
     found: list[Finding] = []
+    from .pipeline import checkpoint_sources, glob_problem, placement_problem
+
     root = os.path.abspath(os.path.expanduser(str(config.get("input_root", ""))))
     out = os.path.abspath(os.path.expanduser(str(config.get("output_root", "results"))))
+    pattern = str(config.get("glob", "*"))
+    matches: list[str] = []
     if not os.path.isdir(root) or not os.access(root, os.R_OK | os.X_OK):
         found.append(Finding("FAIL", f"input_root {root} is not a readable folder",
                              "set input_root in config/config.yaml or with --config input_root=PATH"))
-        matches: list[str] = []
-    else:
-        matches = globlib.glob(os.path.join(globlib.escape(root), str(config.get("glob", "*"))))
+    elif not glob_problem(pattern):  # a glob that climbs out of the tree is named below, not run
+        matches = list(checkpoint_sources(root, pattern).values())
         found.append(Finding("ok" if matches else "warn", f"input_root {root}: {len(matches)} file(s) match "
                              f"{config.get('glob')!r}", "" if matches else "check glob in the config"))
-    from .pipeline import glob_problem, placement_problem
 
-    for problem in (placement_problem(root, out), glob_problem(str(config.get("glob", "*")))):
+    for problem in (placement_problem(root, out), glob_problem(pattern)):
         if problem:
             what, _, fix = problem.rpartition(" (")  # the fix is the closing parenthesis
             found.append(Finding("FAIL", what, fix.rstrip(")")))

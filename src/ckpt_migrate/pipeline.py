@@ -181,17 +181,14 @@ OUTPUT_FOLDERS = ("manifests", "checks", "converted", "staged", "attempts", "bat
 def placement_problem(input_root: str, output_root: str) -> str:
     """Why writing to ``output_root`` could write into the tree at ``input_root`` ("" if it cannot):
     output_root inside the tree, the tree inside one of the folders the pipeline writes (a
-    converted file's path mirrors its source's), or one of those folders a link into the tree.
-    Links are resolved: the real places count."""
+    converted file's path mirrors its source's), or a link into the tree among or below those
+    folders. Links are resolved: the real places count."""
     tree, out = os.path.realpath(os.path.expanduser(input_root)), os.path.realpath(os.path.expanduser(output_root))
     if os.path.commonpath([out, tree]) == tree:
         return (f"output_root {out} is inside input_root {tree}: the checkpoint tree is only ever read "
                 f"(set output_root elsewhere)")
     for name in OUTPUT_FOLDERS:
         folder = os.path.realpath(os.path.join(out, name))  # a folder there may be a link elsewhere
-        if folder != os.path.join(out, name) and os.path.commonpath([tree, folder]) == tree:
-            return (f"{os.path.join(out, name)} is a link into input_root {tree}: the pipeline writes there, "
-                    f"and the checkpoint tree is only ever read (remove the link)")
         if os.path.commonpath([tree, folder]) == folder:
             return (f"input_root {tree} is inside {folder}, where the pipeline writes: "
                     f"its outputs could land on the checkpoints (set output_root elsewhere)")
@@ -199,24 +196,36 @@ def placement_problem(input_root: str, output_root: str) -> str:
 
 
 def _link_into_tree(tree: str, out: str) -> str:
-    """A link planted deeper in the written folders (``converted/<run>`` → a run directory of the
-    tree) would take what is written below it into the tree. The pipeline makes no links, so
-    every one found is someone's; one that leads into the tree is named."""
+    """The first link into the tree that is one of the written folders (``converted`` made a link
+    to the tree) or lies below one (``converted/<run>`` → a run directory, planted after a first
+    run): what is written through it would land in the tree. The pipeline makes no links, so
+    every one found is someone's."""
+    def into_tree(path: str) -> bool:
+        return os.path.commonpath([tree, os.path.realpath(path)]) == tree
+
+    pending = []
     for name in OUTPUT_FOLDERS:
-        pending = [os.path.join(out, name)]
-        while pending:
-            try:
-                entries = list(os.scandir(pending.pop()))
-            except OSError:  # not there (yet), or not a folder: nothing below it to follow
-                continue
-            for entry in entries:
-                if entry.is_symlink():
-                    if os.path.commonpath([tree, os.path.realpath(entry.path)]) == tree:
-                        return (f"{entry.path} is a link into input_root {tree}: the pipeline writes below "
-                                f"{os.path.join(out, name)}, and the checkpoint tree is only ever read (remove the link)")
-                elif entry.is_dir(follow_symlinks=False):
-                    pending.append(entry.path)
+        top = os.path.join(out, name)  # may be a link elsewhere (a bigger disk): then walked there
+        if os.path.islink(top) and into_tree(top):
+            return _link_problem(top, tree)
+        pending.append(top)
+    while pending:
+        try:
+            entries = list(os.scandir(pending.pop()))
+        except OSError:  # not there (yet), or not a folder: nothing below it
+            continue
+        for entry in entries:  # links below the top are checked, not followed
+            if entry.is_symlink():
+                if into_tree(entry.path):
+                    return _link_problem(entry.path, tree)
+            elif entry.is_dir(follow_symlinks=False):
+                pending.append(entry.path)
     return ""
+
+
+def _link_problem(link: str, tree: str) -> str:
+    return (f"{link} is a link into input_root {tree}: the pipeline writes there, "
+            f"and the checkpoint tree is only ever read (remove the link)")
 
 
 def glob_problem(pattern: str) -> str:
