@@ -284,10 +284,10 @@ def test_doctor_fails_the_same_placements_and_never_runs_a_glob_that_climbs_out(
     climbing = findings("../clean_bbpe_50k/*/best_state_*.pt")
     assert [level for level, what in climbing if "climbs out of input_root" in what] == ["FAIL"]
     assert not any("file(s) match" in what for _, what in climbing)
-    (out / "converted").mkdir(parents=True)
-    (out / "converted" / "eng_spa_owt_run_1").symlink_to(root / "eng_spa_owt_run_1", target_is_directory=True)
+    (out / "converted" / "odd\nname").mkdir(parents=True)  # a name with a newline: still one line
+    (out / "converted" / "odd\nname" / "run").symlink_to(root / "eng_spa_owt_run_1", target_is_directory=True)
     planted = [what for level, what in findings("*/best_state_*.pt") if level == "FAIL" and "input_root" in what]
-    assert planted == [f"{out}/converted/eng_spa_owt_run_1 is a link into input_root {root}: the pipeline "
+    assert planted == [f"{out}/converted/odd\\nname/run is a link into input_root {root}: the pipeline "
                        f"writes there, and the checkpoint tree is only ever read"]
 
 

@@ -224,7 +224,7 @@ def _link_into_tree(tree: str, out: str) -> str:
 
 
 def _link_problem(link: str, tree: str) -> str:
-    return (f"{link} is a link into input_root {tree}: the pipeline writes there, "
+    return (f"{display_path(link)} is a link into input_root {tree}: the pipeline writes there, "
             f"and the checkpoint tree is only ever read (remove the link)")
 
 
