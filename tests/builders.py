@@ -33,12 +33,30 @@ class OverridingDict(collections.OrderedDict):
         return collections.OrderedDict, (), {"keys": 1, "items": 2, "get": 3}, None, iter(self.items())
 
 
+def as_main(cls):
+    """``cls`` as a class of ``__main__``: how a training script run as a program pickles its own
+    classes (``torch.load`` finds them in the running program and imports nothing)."""
+    import sys
+
+    cls.__module__, cls.__qualname__ = "__main__", cls.__name__
+    setattr(sys.modules["__main__"], cls.__name__, cls)
+    return cls
+
+
+@as_main
 @dataclasses.dataclass
 class TrainConfig:
     """A training script's config object, saved into its checkpoint."""
 
     lr: float = 0.02
     batch: int = 8
+
+
+@dataclasses.dataclass
+class ImportedConfig:
+    """A config class from an importable module: torch.load would import ``tests.builders`` (code)."""
+
+    lr: float = 0.02
 
 
 def _step(path) -> int:

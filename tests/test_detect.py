@@ -160,3 +160,21 @@ def test_every_manifest_key_is_declared_with_its_type(small_v1_path, small_v2_pa
             assert key in declared, f"{name}: {key} is not declared in ManifestRecord"
             assert _conforms(value, declared[key]), f"{name}: {key}={value!r} is not {declared[key]}"
     assert formats == {"small", "medium", "gptbatched", "unreadable", "unknown", "unsafe"}
+
+
+def test_two_different_state_dicts_are_ambiguous(tmp_path):
+    one = synthetic.small_state_dict("v2", vocab=VOCAB, seed=1)
+    two = synthetic.small_state_dict("v2", vocab=VOCAB, seed=2)
+    two["blocks.0.mlp.c_fc.weight"] = two["blocks.0.mlp.c_fc.weight"][:, :64].contiguous()  # another shape
+    r = detect(write(tmp_path, "a.pt", {"model": one, "state_dict": two, "step": 1}))
+    assert r["status"] == "unknown" and "'model' and 'state_dict'" in r["reason"] and "ambiguous" in r["reason"]
+    # The same tensors under both keys (torch.save stores them once) are one state dict.
+    r = detect(write(tmp_path, "b.pt", {"model": one, "state_dict": one, "step": 1}))
+    assert r["status"] == "to_convert", r["reason"]
+
+
+def test_an_empty_embedding_is_a_detection_verdict(tmp_path):
+    sd = synthetic.small_state_dict("v2", vocab=VOCAB)
+    sd["embed.weight"] = sd["embed.weight"][:0]
+    r = detect(write(tmp_path, "e.pt", {"model": sd}))
+    assert r["status"] == "unknown" and "empty embedding" in r["reason"], r["reason"]

@@ -232,11 +232,21 @@ def test_storage_key_reused_with_another_type_and_build_on_a_tensor(tmp_path):
         with zipfile.ZipFile(path, "w") as z:
             z.writestr("archive/data.pkl", pkl)
             z.writestr("archive/data/0", b"\0" * 16)
+            z.writestr("archive/version", "3\n")
         record = _verdict(path)
         assert record["format"] == "unreadable" and words in record["reason"], record
 
 
-@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])
+def test_protocol_0_files_are_unreadable_as_torch_finds_them(tmp_path):
+    # Protocol 0 writes a storage's persistent id as text, which torch.load cannot read back.
+    src = _small(tmp_path / "src.pt", protocol=0)
+    with pytest.raises(Exception):
+        torch.load(src, weights_only=False)
+    record = detect(src)
+    assert record["status"] == "unreadable" and "torch.load cannot read it" in record["reason"], record
+
+
+@pytest.mark.parametrize("protocol", [1, 2, 3, 4, 5])
 def test_every_protocol_converts_with_parity(tmp_path, protocol):
     src = _small(tmp_path / "src.pt", protocol=protocol)
     record = detect(src)
@@ -312,7 +322,7 @@ def test_real_world_objects_are_inert_records_and_convert(real_world_checkpoint,
     assert shown.returncode == 0 and "argparse.Namespace" in shown.stdout and "__main__.TrainConfig" in shown.stdout
 
 
-@pytest.mark.parametrize("protocol", range(6))
+@pytest.mark.parametrize("protocol", range(1, 6))
 def test_standard_library_values_are_records(tmp_path, protocol):
     import datetime
     import decimal
@@ -450,3 +460,72 @@ def test_no_process_to_fork_falls_back_to_the_bounded_reader(tmp_path, monkeypat
     monkeypatch.setattr(isolate.os, "fork", no_fork)
     record = isolate.detect_isolated(_small(tmp_path / "s.pt"))
     assert record["status"] == "to_convert" and any("could not fork" in n for n in record["notes"])
+
+
+# --- tensors exactly as torch.load returns them, or refused ----------------------------------------
+
+def test_tensor_flags_torch_would_apply_are_refused(tmp_path):
+    """torch.load returns a neg-bit tensor negated and sets a Parameter's pickled attributes: the
+    stored bytes are not what it returns, so such files are refused, saying why."""
+    base = torch.arange(4.0)
+    cases = {
+        "neg": ({"model": {"w": torch._neg_view(base)}}, "neg bit"),
+        "conj": ({"model": {"w": torch.arange(4.0).to(torch.complex64).conj()}}, "conj bit"),
+    }
+    parameter = torch.nn.Parameter(base.clone())
+    parameter.data_hint = 1  # any pickled attribute: torch.load sets it (a "data" one would replace the values)
+    cases["parameter_state"] = ({"model": {"w": parameter}}, "pickled attributes")
+    for name, (obj, words) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(obj, path)
+        torch.load(path, weights_only=True)  # torch's weights-only loader reads each of them
+        record = _verdict(path)
+        assert record["format"] == "unreadable" and words in record["reason"], (name, record)
+    assert torch.equal(torch.load(tmp_path / "neg.pt", weights_only=True)["model"]["w"], -base)
+
+
+def test_archives_torch_refuses_are_unreadable(tmp_path):
+    src = _small(tmp_path / "src.pt")
+    data = open(src, "rb").read()
+    other = tmp_path / "other.pt"
+    torch.save({"x": torch.ones(2)}, other)
+    with zipfile.ZipFile(src) as z:
+        infos = z.infolist()
+        entries = {i.filename: z.read(i.filename) for i in infos}
+    cases = {"bytes_in_front": b"junkjunk" + data, "two_archives": data + other.read_bytes()}
+    for case, keep in (("no_folder", None), ("no_version", "version")):
+        path = tmp_path / f"{case}.pt"
+        with zipfile.ZipFile(path, "w") as z:
+            for name, payload in entries.items():
+                if keep is None:
+                    z.writestr(name.split("/", 1)[1], payload)
+                elif not name.endswith("/" + keep):
+                    z.writestr(name, payload)
+        cases[case] = path.read_bytes()
+    for case, payload in cases.items():
+        path = tmp_path / f"{case}.pt"
+        path.write_bytes(payload)
+        with pytest.raises(Exception):
+            torch.load(path, weights_only=True)
+        record = _verdict(path)
+        assert record["format"] == "unreadable", (case, record)
+
+
+def test_storage_bytes_must_be_exactly_what_the_pickle_declares(tmp_path):
+    src = _small(tmp_path / "src.pt")
+    name, pkl = _pickle_of(src)
+    prefix = name[: -len("data.pkl")]
+    with zipfile.ZipFile(src) as z:
+        key = next(i.filename for i in z.infolist() if i.filename.startswith(prefix + "data/"))
+        longer = z.read(key) + b"\0" * 64
+    path = _rewrite(src, tmp_path / "longer.pt", replace={key: longer})
+    record = _verdict(path)
+    assert record["format"] == "unreadable" and "the pickle declares" in record["reason"], record
+
+
+def test_a_deflated_pickle_is_read(tmp_path):
+    src = _small(tmp_path / "src.pt")
+    path = _rewrite(src, tmp_path / "deflated.pt", compression=zipfile.ZIP_DEFLATED)
+    inspection = inspect_archive(path)
+    # torch inflates data.pkl; the storages, deflated too, cannot be mapped in place.
+    assert inspection.status == "unreadable" and "compressed" in inspection.reason, inspection.reason

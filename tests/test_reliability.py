@@ -23,7 +23,7 @@ from ckpt_migrate.check import CheckSettings
 from ckpt_migrate.conversion import convert_file
 from ckpt_migrate.pipeline import read_report, verify_outputs
 
-from .builders import Call, OverridingDict, TrainConfig
+from .builders import Call, ImportedConfig, OverridingDict, TrainConfig
 from .conftest import VOCAB
 from .pipeline_helpers import REPO, SNAKEMAKE, job_counts, make_read_only, make_writable, snakemake, tree_state
 
@@ -205,7 +205,7 @@ CATALOGUE = [
     ("subprocess_popen", _hostile(Call(subprocess.Popen, ["touch", MARKER])), "unsafe", "subprocess.Popen"),
     ("builtins_eval", _hostile(Call(eval, f"open({MARKER!r}, 'w')")), "unsafe", "builtins.eval"),
     ("builtins_exec", _hostile(Call(exec, f"open({MARKER!r}, 'w')")), "unsafe", "builtins.exec"),
-    ("builtins_getattr", _hostile(Call(getattr, Call(__import__, "os"), "system")), "unsafe", "builtins.__import__"),
+    ("builtins_getattr", _hostile(Call(getattr, Call(__import__, "os"), "system")), "unsafe", "builtins.getattr"),
     ("builtins_import", _hostile(Call(__import__, "os")), "unsafe", "builtins.__import__"),
     ("posix_system", _raw_pickle(b"cposix\nsystem\n(V" + marker_cmd.encode() + b"\ntR."), "unsafe", "posix.system"),
     ("python2_builtin_eval", _raw_pickle(b"c__builtin__\neval\n(V1\ntR."), "unsafe", "builtins.eval"),
@@ -267,11 +267,13 @@ CATALOGUE = [
      "unknown", "unexpected"),
     ("blank_lines_before_code", _small_ckpt(code_prefix="\n" * 1_000_000 + " " * 1_000_000), "converted", ""),
     ("build_replaces_dict_methods", _small_ckpt(wrap_model=OverridingDict), "converted", ""),
-    ("protocol_0", _small_ckpt(protocol=0), "converted", ""),
+    ("protocol_0", _small_ckpt(protocol=0), "unreadable", "torch.load cannot read it"),  # text persistent ids
     ("protocol_1", _small_ckpt(protocol=1), "converted", ""),
     ("protocol_4", _small_ckpt(protocol=4), "converted", ""),
     ("protocol_5", _small_ckpt(protocol=5), "converted", ""),
     ("real_world_objects", _small_ckpt(extra=_real_world_objects()), "converted", ""),
+    ("class_from_an_importable_module", _small_ckpt(extra={"config": ImportedConfig()}), "unsafe",
+     "tests.builders.ImportedConfig"),
     ("dtype_keys_and_values", _small_ckpt(extra={"cfg": {torch.float32: torch.bfloat16}, "dtype": torch.float16}),
      "converted", ""),
     ("no_optimizer_state", _small_ckpt(optimizers=False), "converted", ""),
@@ -372,12 +374,17 @@ def test_permission_denied_is_unreadable(tmp_path):
     path = os.path.join(folder, "best_state_1.pt")
     _small_ckpt()(path)
     os.chmod(path, 0)
-    code = "import sys; from safe_pickle import inspect_archive as i; r = i(sys.argv[1]); print(r.status, r.reason)"
+    code = ("import sys; from ckpt_migrate.safe_pickle import inspect_archive as i; r = i(sys.argv[1]); "
+            "print(r.status, r.reason)")
     cmd = [sys.executable, "-c", code, path]
     if os.geteuid() == 0:
         # Root reads anything: ask as an unprivileged user, with the system Python and a copy of
         # the (standard-library only) inspector where that user can read it.
-        shutil.copy(os.path.join(REPO, "src", "ckpt_migrate", "safe_pickle.py"), folder)
+        package = os.path.join(folder, "ckpt_migrate")
+        os.mkdir(package)
+        open(os.path.join(package, "__init__.py"), "w").close()
+        for module in ("safe_pickle", "pickle_machine", "pickle_allowlist", "pickle_values"):
+            shutil.copy(os.path.join(REPO, "src", "ckpt_migrate", f"{module}.py"), package)
         cmd = ["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", code, path]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=folder, env={**os.environ, "PYTHONPATH": folder})
     shutil.rmtree(folder, ignore_errors=True)

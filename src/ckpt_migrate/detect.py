@@ -118,15 +118,24 @@ def _is_state_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, TensorStub) for k, v in obj.items())
 
 
+class AmbiguousStateDict(ValueError):
+    """The checkpoint holds two different model state dicts: which one the lab trained is unknown."""
+
+
 def find_state_dict(obj: Any) -> tuple[dict | None, str]:
-    """The model state dict in an inspected checkpoint object, and where it was ("" for a bare one)."""
+    """The model state dict in an inspected checkpoint object, and where it was ("" for a bare one).
+
+    Raises :class:`AmbiguousStateDict` when two of the usual keys hold state dicts that differ."""
     if _is_state_dict(obj):
         return obj, ""
-    if isinstance(obj, dict):
-        for key in STATE_DICT_KEYS:
-            if _is_state_dict(obj.get(key)):
-                return obj[key], key
-    return None, ""
+    if not isinstance(obj, dict):
+        return None, ""
+    found = [key for key in STATE_DICT_KEYS if _is_state_dict(obj.get(key))]
+    for other in found[1:]:
+        if obj[other] != obj[found[0]]:
+            raise AmbiguousStateDict(f"'{found[0]}' and '{other}' both hold a model state dict, and they differ: "
+                                     f"which one to convert is ambiguous")
+    return (obj[found[0]], found[0]) if found else (None, "")
 
 
 def _guess_family(keys: set[str]) -> tuple[str, str]:
@@ -163,6 +172,9 @@ def classify(state_dict: dict[str, TensorStub]) -> dict[str, Any]:
         result["reason"] = f"{family} layout without a 2-d embed.weight and lm-head"
         return result
     vocab_rows, model_dim = embed
+    if not vocab_rows or not model_dim:
+        result["reason"] = f"{family} layout with an empty embedding ({vocab_rows} x {model_dim})"
+        return result
     num_layers = 1 + max((int(m.group(1)) for k in shapes if (m := _BLOCK_KEY.match(k))), default=-1)
     if num_layers > MAX_LAYERS:
         result["reason"] = f"block index {num_layers - 1} is beyond any model this tool knows ({MAX_LAYERS} layers)"
@@ -259,7 +271,11 @@ def record_from_inspection(path: str, inspection: ArchiveInspection,
         record.update(converted.describe(obj))
         record["reason"] = one_line(record["reason"], MAX_REASON)
         return record
-    state_dict, wrapper = find_state_dict(obj)
+    try:
+        state_dict, wrapper = find_state_dict(obj)
+    except AmbiguousStateDict as exc:
+        record.update(status="unknown", reason=one_line(exc, MAX_REASON))
+        return record
     if state_dict is None:
         top = (sorted(one_line(k, 40) for k in obj if isinstance(k, str))[:6] if isinstance(obj, dict)
                else [type(obj).__name__])

@@ -1,25 +1,21 @@
 """The one reader of ``torch.save`` files: total, bounded, and nothing in the file ever runs.
 
-A ``torch.save`` file is a zip archive holding ``<prefix>/data.pkl`` (the pickled object
-tree) and one ``<prefix>/data/<key>`` entry per tensor storage. We never hand the pickle to
-Python's unpickler. :class:`PickleMachine` interprets its opcodes itself (every protocol,
-0 to 5) and builds only inert values:
+``torch.load`` reads three kinds of file, and so do we, with the same opcode machine
+(:mod:`ckpt_migrate.pickle_machine`) and the same allow-list of data
+(:mod:`ckpt_migrate.pickle_allowlist`):
 
-- containers and plain values (what ``torch.load(weights_only=True)`` admits: dict, list,
-  tuple, set, frozenset, bytes, complex, OrderedDict, Counter, torch.device, torch.Size,
-  dtypes), with tensors as :class:`TensorStub` (dtype, shape, stride, storage, offset);
-- instances of other classes that a pickle creates without calling anything of theirs
-  (``NEWOBJ``, ``copyreg._reconstructor``: dataclasses, ``argparse.Namespace``, numpy RNG
-  state, numpy arrays and scalars) as :class:`PickledObject` records: the class name and
-  the data the pickle holds; the class is never imported;
-- a call of anything else (``REDUCE``, ``INST``, ``OBJ``, ...) makes the file ``unsafe``,
-  naming the callable: that is what ``torch.load(weights_only=False)`` would run.
+- a zip archive (torch >= 1.6) holding ``<folder>/data.pkl`` (the pickled object tree, stored
+  or deflated) and one stored ``<folder>/data/<key>`` entry per tensor storage;
+- the old tar format, with ``storages``, ``tensors`` and ``pickle`` members, each a run of pickles;
+- the pre-1.6 stream of pickles (magic number, protocol, system info, the object, the storage
+  keys), and so any other raw pickle: torch unpickles whatever a non-zip file begins with.
 
-Every quantity the bytes control is capped (:class:`ReaderLimits`: objects, items, memo,
-integer size, key size, rank, time), so a hostile file costs bounded work. The archive must
-be unambiguous: one pickle, every entry under its prefix, storages stored uncompressed at
-offsets inside the file; the loader (:mod:`ckpt_migrate.loader`) memory-maps tensors at
-exactly the offsets validated here, so what is inspected is what is loaded.
+Every pickle in the file is read, so a call anywhere in it is named (``unsafe``). Only a zip
+archive that torch itself would read, unambiguously, is ``ok``: one archive from byte 0,
+every entry under the folder of the first, local and central headers that agree, storages
+stored at offsets inside the file with exactly the bytes the pickle declares. The loader
+(:mod:`ckpt_migrate.loader`) memory-maps tensors at exactly the offsets validated here, so
+what is inspected is what is loaded.
 
 Standard library only (no torch): detection runs on the login node in milliseconds.
 :func:`inspect_archive` never raises for bad input.
@@ -27,123 +23,33 @@ Standard library only (no torch): detection runs on the login node in millisecon
 
 from __future__ import annotations
 
-import _compat_pickle
 import io
+import mmap
 import os
-import pickletools
 import re
 import stat
 import struct
+import tarfile
 import time
-import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-# torch dtype name -> bytes per element: every dtype torch.save writes for plain tensors.
-DTYPE_ITEMSIZE: dict[str, int] = {
-    "float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "complex32": 4, "complex64": 8,
-    "complex128": 16, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "uint16": 2,
-    "uint32": 4, "uint64": 8, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
-    "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
-}
-# Legacy typed-storage class names (protocol of torch < 2.x, still written for these dtypes).
-STORAGE_DTYPES: dict[str, str] = {
-    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
-    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
-    "ComplexFloatStorage": "complex64", "ComplexDoubleStorage": "complex128",
-    "UntypedStorage": "uint8",
-}
-TORCH_DTYPE_ALIASES = {"float": "float32", "double": "float64", "half": "float16", "long": "int64",
-                       "int": "int32", "short": "int16", "cfloat": "complex64", "cdouble": "complex128",
-                       "chalf": "complex32"}
+from .pickle_allowlist import ALLOWED_GLOBALS
+from .pickle_machine import PickleMachine
+from .pickle_values import (DEFAULT_LIMITS, DTYPE_ITEMSIZE, STORAGE_DTYPES, GlobalRef, PickledObject, ReaderLimits,
+                            StorageStub, TensorStub, UnreadableError, UnsafePickleError, one_line)
+
+__all__ = ["ALLOWED_GLOBALS", "ArchiveInspection", "DEFAULT_LIMITS", "DTYPE_ITEMSIZE", "GlobalRef",
+           "PickleMachine", "PickledObject", "ReaderLimits", "StorageStub", "TensorStub", "UnreadableError",
+           "UnsafePickleError", "inspect_archive", "inspect_file", "one_line", "open_regular"]
+
 # The entries torch.save writes beside data.pkl and data/<key>; anything else is ambiguous.
 KNOWN_ENTRIES = {"version", ".data/version", ".data/serialization_id", "byteorder", ".format_version",
                  ".storage_alignment"}
-
-
-@dataclass(frozen=True)
-class ReaderLimits:
-    """Caps on the work a file can ask of the reader (each far above what a real checkpoint needs)."""
-
-    max_pickle_bytes: int = 256 * 2**20  # data.pkl size; a real one is a few MB (code + optimizer bookkeeping)
-    max_objects: int = 1_000_000  # containers, strings and records created
-    max_items: int = 5_000_000  # elements appended or set into containers
-    max_memo: int = 1_000_000  # memo entries
-    max_int_bits: int = 1024  # larger integers are not checkpoint data
-    max_key_nodes: int = 256  # elements of one dict key / set member (hashing cost)
-    max_rank: int = 64  # tensor dimensions
-    max_dim: int = 2**48  # elements along one dimension
-    max_entries: int = 100_000  # zip entries
-    seconds: float = 60.0  # wall time for one file
-
-
-DEFAULT_LIMITS = ReaderLimits()
-
-
-class UnsafePickleError(Exception):
-    """The pickle calls something beyond data reconstruction; the message names it."""
-
-
-class UnreadableError(Exception):
-    """The bytes are not a checkpoint we can read unambiguously; the message says why (one line)."""
-
-
-@dataclass(frozen=True)
-class GlobalRef:
-    """A module attribute the pickle names (a class, a dtype); never imported."""
-
-    module: str
-    name: str
-
-    def __str__(self) -> str:
-        return f"{self.module}.{self.name}"
-
-
-@dataclass(frozen=True)
-class StorageStub:
-    """Where a storage's bytes live in the archive."""
-
-    key: str  # entry name under <prefix>/data/
-    dtype: str  # element dtype of a typed storage; "uint8" for an untyped one
-    location: str  # device the storage was saved from, e.g. "cuda:0"
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class TensorStub:
-    """A tensor as the pickle describes it, validated against its storage; no byte of it is read."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    storage_key: str
-    storage_offset: int  # in elements of dtype
-    stride: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_ITEMSIZE[self.dtype]
-
-
-@dataclass(eq=False)
-class PickledObject:
-    """An instance the pickle creates without calling its class: the class name and its data."""
-
-    cls: str  # "module.Name", as the pickle names it
-    args: tuple = ()
-    state: Any = None
-    items: Any = None  # what SETITEM(S)/APPEND(S) added (dict and list subclasses)
-
-    def __repr__(self) -> str:
-        return f"<{self.cls}>"
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch's pre-1.6 magic number
+LEGACY_PROTOCOL = 1001
 
 
 @dataclass
@@ -160,630 +66,238 @@ class ArchiveInspection:
     protocol: int = 0
 
 
-def one_line(text: Any, limit: int = 200) -> str:
-    """A reason fit for a report cell: printable, one line, at most ``limit`` characters."""
-    text = "".join(ch if ch.isprintable() else " " for ch in str(text))
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# --- reconstruction: the only callables a pickle may call -----------------------------
-
-def _ints(value: Any, what: str, limits: ReaderLimits) -> tuple[int, ...]:
-    if not isinstance(value, tuple) or len(value) > limits.max_rank:
-        raise UnreadableError(f"{what} is not a tuple of at most {limits.max_rank} integers")
-    if not all(type(v) is int and 0 <= v <= limits.max_dim for v in value):
-        raise UnreadableError(f"{what} has an entry that is not an integer in [0, 2**48]")
-    return value
-
-
-def _dtype_name(value: Any) -> str:
-    if isinstance(value, GlobalRef) and value.module == "torch":
-        name = TORCH_DTYPE_ALIASES.get(value.name, value.name)
-        if name in DTYPE_ITEMSIZE:
-            return name
-    raise UnreadableError(f"unsupported tensor dtype {one_line(value, 60)}")
-
-
-class PickleMachine:
-    """Interprets one pickle's opcodes into inert values, within :class:`ReaderLimits`."""
-
-    def __init__(self, data: bytes, limits: ReaderLimits = DEFAULT_LIMITS, deadline: float | None = None,
-                 legacy: bool = False):
-        self.data, self.limits, self.legacy = data, limits, legacy
-        self.deadline = deadline if deadline is not None else time.monotonic() + limits.seconds
-        self.storages: dict[str, StorageStub] = {}
-        self.objects: set[str] = set()
-        self.protocol = 0
-        self.end = 0  # offset just past STOP
-        self._objects = self._items = 0
-        self._reconstruct = {
-            ("collections", "OrderedDict"): self._dict_from,
-            ("collections", "Counter"): self._counter,
-            ("collections", "defaultdict"): lambda *a: {},
-            ("builtins", "set"): lambda items=(): self._set(items, set),
-            ("builtins", "frozenset"): lambda items=(): self._set(items, frozenset),
-            ("builtins", "complex"): self._complex,
-            ("builtins", "bytes"): lambda items=(): self._bytes(items),
-            ("builtins", "bytearray"): self._bytearray,
-            ("_codecs", "encode"): self._codecs_encode,
-            ("copyreg", "_reconstructor"): self._reconstructor,
-            ("torch", "device"): self._device,
-            ("torch", "Size"): lambda dims=(): _ints(tuple(dims) if isinstance(dims, list) else dims,
-                                                     "torch.Size", self.limits),
-            ("torch._utils", "_rebuild_tensor"): self._rebuild_tensor,
-            ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor,
-            ("torch._utils", "_rebuild_tensor_v3"): self._rebuild_tensor_v3,
-            ("torch._utils", "_rebuild_parameter"): self._rebuild_parameter,
-            ("torch._utils", "_rebuild_parameter_with_state"): self._rebuild_parameter,
-        }
-
-    # -- bookkeeping
-    def _count(self, objects: int = 1, items: int = 0) -> None:
-        self._objects += objects
-        self._items += items
-        if self._objects > self.limits.max_objects:
-            raise UnreadableError(f"pickle creates more than {self.limits.max_objects} objects")
-        if self._items > self.limits.max_items:
-            raise UnreadableError(f"pickle adds more than {self.limits.max_items} container items")
-
-    def _key(self, value: Any) -> Any:
-        """A value used as a dict key or set member: hashable, and cheap to hash.
-
-        Hashing a tuple visits every element, shared ones again each time, so the size that
-        counts is the tree's, not the DAG's: 60 nested pairs of one tuple are 2**60 visits."""
-        sizes: dict[int, int] = {}
-        pending = [(value, False)]
-        while pending:
-            v, children_done = pending.pop()
-            if isinstance(v, (list, dict, set, bytearray)):
-                raise UnreadableError(f"unhashable {type(v).__name__} used as a dict key or set member")
-            if not isinstance(v, tuple) or id(v) in sizes:
-                continue
-            if children_done:
-                sizes[id(v)] = 1 + sum(sizes.get(id(c), 1) for c in v)
-                if sizes[id(v)] > self.limits.max_key_nodes:
-                    raise UnreadableError(f"a dict key or set member has more than {self.limits.max_key_nodes} parts")
-            else:
-                pending.append((v, True))
-                pending.extend((c, False) for c in v)
-        return value
-
-    # -- reconstruction functions (the call opcodes' only targets)
-    def _dict_from(self, items: Any = ()) -> dict:
-        result: dict = {}
-        if isinstance(items, dict):
-            items = list(items.items())
-        for pair in items if isinstance(items, (list, tuple)) else ():
-            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-                raise UnreadableError("OrderedDict built from something that is not key/value pairs")
-            result[self._key(pair[0])] = pair[1]
-        self._count(1, len(result))
-        return result
-
-    def _counter(self, items: Any = None) -> dict:
-        self.objects.add("collections.Counter")
-        return dict(items) if isinstance(items, dict) else {}
-
-    def _set(self, items: Any, kind: type):
-        if not isinstance(items, (list, tuple, set, frozenset)):
-            raise UnreadableError(f"{kind.__name__} built from a {type(items).__name__}")
-        self._count(1, len(items))
-        return kind(self._key(i) for i in items)
-
-    def _complex(self, real: Any = 0.0, imag: Any = 0.0) -> complex:
-        if not all(type(x) in (int, float) for x in (real, imag)):
-            raise UnreadableError("complex built from something that is not a number")
-        return complex(real, imag)
-
-    def _bytes(self, items: Any) -> bytes:
-        if isinstance(items, (bytes, bytearray)):
-            return bytes(items)
-        if isinstance(items, (list, tuple)) and all(type(i) is int and 0 <= i < 256 for i in items):
-            return bytes(items)
-        raise UnreadableError("bytes built from something that is not bytes")
-
-    def _bytearray(self, data: Any = b"", encoding: Any = None) -> bytes:
-        # Protocol 2 pickles bytearray(b) as bytearray(b.decode("latin-1"), "latin-1").
-        return self._codecs_encode(data, encoding) if encoding is not None else self._bytes(data)
-
-    def _codecs_encode(self, text: Any, encoding: Any = "utf-8") -> bytes:
-        # Protocol < 3 pickles bytes as _codecs.encode(str, "latin1").
-        if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
-            raise UnreadableError("_codecs.encode with arguments that are not a string and a text encoding")
-        try:
-            return text.encode(encoding)
-        except UnicodeEncodeError as exc:
-            raise UnreadableError(f"_codecs.encode: {exc.reason}") from None
-
-    def _reconstructor(self, cls: Any = None, base: Any = None, state: Any = None) -> PickledObject:
-        # copyreg._reconstructor(cls, object, None) is how protocols 0 and 1 create a plain
-        # instance. With another base it runs base.__init__(obj, state): only builtin containers'.
-        if not isinstance(cls, GlobalRef) or not isinstance(base, GlobalRef):
-            raise UnreadableError("copyreg._reconstructor without a class")
-        if base.module != "builtins" or base.name not in ("object", "dict", "list", "set", "tuple", "int",
-                                                          "float", "str", "bytes"):
-            raise UnsafePickleError(f"copyreg._reconstructor runs {base}.__init__")
-        if cls.module.split(".")[0] in _NO_NEWOBJ_MODULES:
-            raise UnsafePickleError(f"copyreg._reconstructor creates {cls}")
-        return self._record(cls, (), state)
-
-    def _device(self, kind: Any = "cpu", index: Any = None) -> str:
-        if not isinstance(kind, str) or not (index is None or type(index) is int):
-            raise UnreadableError("torch.device with arguments that are not a name and an index")
-        self.objects.add("torch.device")
-        return one_line(kind if index is None else f"{kind}:{index}", 40)
-
-    def _record(self, cls: GlobalRef, args: tuple = (), state: Any = None) -> PickledObject:
-        self._count()
-        self.objects.add(str(cls))
-        return PickledObject(str(cls), args, state)
-
-    def _tensor(self, storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None) -> TensorStub:
-        if not isinstance(storage, StorageStub):
-            raise UnreadableError("tensor rebuilt from something that is not a storage")
-        dtype = dtype or storage.dtype
-        shape, strides = _ints(size, "tensor size", self.limits), _ints(stride, "tensor stride", self.limits)
-        if type(offset) is not int or offset < 0 or len(shape) != len(strides):
-            raise UnreadableError(f"tensor of shape {list(shape)} has a malformed layout")
-        stub = TensorStub(dtype, shape, storage.key, offset, strides)
-        capacity = storage.nbytes // DTYPE_ITEMSIZE[dtype]
-        if stub.numel and offset + sum((d - 1) * s for d, s in zip(shape, strides)) >= capacity:
-            raise UnreadableError(f"tensor of shape {list(shape)} reaches past its storage of {capacity} elements")
-        self._count()
-        return stub
-
-    def _rebuild_tensor(self, storage=None, offset=None, size=None, stride=None, *_ignored) -> TensorStub:
-        return self._tensor(storage, offset, size, stride, None)
-
-    def _rebuild_tensor_v3(self, storage=None, offset=None, size=None, stride=None, requires_grad=False,
-                           hooks=None, dtype=None, *_ignored) -> TensorStub:
-        return self._tensor(storage, offset, size, stride, _dtype_name(dtype))
-
-    def _rebuild_parameter(self, data=None, *_ignored) -> TensorStub:
-        if not isinstance(data, TensorStub):
-            raise UnreadableError("parameter rebuilt from something that is not a tensor")
-        return data
-
-    def _storage(self, pid: Any) -> StorageStub:
-        # torch.save writes ('storage', storage_type, key, location, numel); legacy files add a view.
-        if isinstance(pid, str):  # protocol 0 writes the tuple's repr
-            m = re.fullmatch(r"\('storage', <class 'torch\.(?:storage\.)?(\w+)'>, '([\w.]{1,64})', "
-                             r"'([\w:]{1,32})', (\d{1,16})\)", pid)
-            if not m:
-                raise UnreadableError(f"unexpected persistent id {one_line(pid, 60)!r}")
-            pid = ("storage", GlobalRef("torch", m.group(1)), m.group(2), m.group(3), int(m.group(4)))
-        if not (isinstance(pid, tuple) and len(pid) == (6 if self.legacy else 5) and pid[0] == "storage"):
-            raise UnreadableError(f"unexpected persistent id {one_line(repr(pid), 60)}")
-        _, storage_type, key, location, numel = pid[:5]
-        if not (isinstance(storage_type, GlobalRef) and storage_type.module in ("torch", "torch.storage")
-                and storage_type.name in STORAGE_DTYPES):
-            raise UnreadableError(f"unknown storage type {one_line(storage_type, 60)}")
-        if not (isinstance(key, str) and re.fullmatch(r"[\w.]{1,64}", key) and isinstance(location, str)
-                and type(numel) is int and 0 <= numel <= self.limits.max_dim):
-            raise UnreadableError("malformed storage reference")
-        dtype = STORAGE_DTYPES[storage_type.name]
-        stub = StorageStub(key, dtype, one_line(location, 32), numel * DTYPE_ITEMSIZE[dtype])
-        if self.storages.setdefault(key, stub) != stub:
-            raise UnreadableError(f"storage {key} is referenced with two different types or sizes")
-        return self.storages[key]
-
-    def _call(self, func: Any, args: Any, opcode: str) -> Any:
-        if not isinstance(args, tuple):
-            raise UnreadableError(f"{opcode} with arguments that are not a tuple")
-        if not isinstance(func, GlobalRef):
-            raise UnsafePickleError(f"{opcode} calls a {type(func).__name__} built by the pickle")
-        target = self._reconstruct.get((func.module, func.name))
-        if target is not None:
-            try:
-                return target(*args)
-            except TypeError:
-                raise UnreadableError(f"{func} called with {len(args)} argument(s)") from None
-        if (func.module, func.name) in _STDLIB_VALUES:
-            return self._record(func, args)  # a date, a path, a decimal: its class and arguments, as data
-        if _numpy_data(func):
-            return _numpy_value(self, func, args)
-        raise UnsafePickleError(f"{opcode} calls {func}")
-
-    def _newobj(self, cls: Any, args: Any) -> Any:
-        # NEWOBJ creates cls.__new__(cls, *args) without running __init__: a plain instance.
-        if not isinstance(cls, GlobalRef) or not isinstance(args, tuple):
-            raise UnreadableError("NEWOBJ without a class and an argument tuple")
-        if cls.module == "builtins" and cls.name in ("object", "dict", "list", "set", "tuple"):
-            return {"object": lambda: self._record(cls), "dict": dict, "list": list,
-                    "set": set, "tuple": tuple}[cls.name]()
-        if (cls.module, cls.name) in self._reconstruct or cls.module.split(".")[0] in _NO_NEWOBJ_MODULES:
-            if (cls.module, cls.name) in self._reconstruct and not args:
-                return self._call(cls, args, "NEWOBJ")
-            raise UnsafePickleError(f"NEWOBJ creates {cls}")
-        return self._record(cls, args)
-
-    # -- the machine
-    def run(self, start: int = 0) -> Any:
-        stack: list = []
-        marks: list[list] = []
-        memo: dict[int, Any] = {}
-        stream = io.BytesIO(self.data)
-        stream.seek(start)
-        ops = 0
-        lim = self.limits
-
-        def pop_mark() -> list:
-            nonlocal stack
-            if not marks:
-                raise UnreadableError("pickle pops a mark it never set")
-            items, stack = stack, marks.pop()
-            return items
-
-        try:
-            with warnings.catch_warnings():
-                # pickletools decodes protocol-0 strings with codecs.escape_decode, which warns
-                # about invalid escapes in damaged data: the verdict says enough.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                for op, arg, pos in pickletools.genops(stream):
-                    ops += 1
-                    if ops & 0xFFF == 0 and time.monotonic() > self.deadline:
-                        raise UnreadableError(f"reading the pickle took longer than {lim.seconds:g} s")
-                    name = op.name
-                    if name in _PUSH_ARG:
-                        if type(arg) is int and arg.bit_length() > lim.max_int_bits:
-                            raise UnreadableError(f"integer of {arg.bit_length()} bits")
-                        if name in ("STRING", "BINSTRING", "SHORT_BINSTRING") and isinstance(arg, bytes):
-                            arg = arg.decode("latin-1")
-                        elif name == "BYTEARRAY8":
-                            arg = bytes(arg)
-                        if isinstance(arg, (str, bytes)):
-                            self._count()
-                        stack.append(arg)
-                    elif name in _PUSH_CONST:
-                        stack.append(_PUSH_CONST[name])
-                    elif name == "PROTO":
-                        if not 0 <= arg <= 5:
-                            raise UnreadableError(f"pickle protocol {arg} is not one Python writes")
-                        self.protocol = arg
-                    elif name == "FRAME":
-                        pass
-                    elif name == "STOP":
-                        if len(stack) != 1 or marks:
-                            raise UnreadableError("pickle ends with an unbalanced stack")
-                        self.end = stream.tell()
-                        return stack[0]
-                    elif name == "MARK":
-                        marks.append(stack)
-                        stack = []
-                    elif name == "POP":
-                        if stack:
-                            stack.pop()
-                        else:
-                            pop_mark()
-                    elif name == "POP_MARK":
-                        pop_mark()
-                    elif name == "DUP":
-                        stack.append(stack[-1])
-                    elif name in ("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"):
-                        self._count()
-                        stack.append({"EMPTY_LIST": list, "EMPTY_DICT": dict, "EMPTY_SET": set}[name]())
-                    elif name == "EMPTY_TUPLE":
-                        stack.append(())
-                    elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-                        n = int(name[-1])
-                        if len(stack) < n:
-                            raise UnreadableError(f"{name} on a stack of {len(stack)}")
-                        items = tuple(stack[-n:])
-                        del stack[-n:]
-                        self._count(1, n)
-                        stack.append(items)
-                    elif name in ("TUPLE", "LIST", "FROZENSET"):
-                        items = pop_mark()
-                        self._count(1, len(items))
-                        stack.append(tuple(items) if name == "TUPLE" else items if name == "LIST"
-                                     else frozenset(self._key(i) for i in items))
-                    elif name == "DICT":
-                        items = pop_mark()
-                        if len(items) % 2:
-                            raise UnreadableError("DICT with an odd number of items")
-                        self._count(1, len(items) // 2)
-                        stack.append({self._key(items[i]): items[i + 1] for i in range(0, len(items), 2)})
-                    elif name in ("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS"):
-                        if name in ("APPEND", "SETITEM"):
-                            n = 1 if name == "APPEND" else 2
-                            if len(stack) < n + 1:
-                                raise UnreadableError(f"{name} on a stack of {len(stack)}")
-                            items = stack[-n:]
-                            del stack[-n:]
-                        else:
-                            items = pop_mark()
-                        if not stack:
-                            raise UnreadableError(f"{name} without a container")
-                        self._add(stack[-1], items, name)
-                    elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-                        if not stack:
-                            raise UnreadableError("memo store from an empty stack")
-                        index = len(memo) if name == "MEMOIZE" else arg
-                        if type(index) is not int or index < 0:
-                            raise UnreadableError("memo index is not a non-negative integer")
-                        memo[index] = stack[-1]
-                        if len(memo) > lim.max_memo:
-                            raise UnreadableError(f"pickle memo exceeds {lim.max_memo} entries")
-                    elif name in ("GET", "BINGET", "LONG_BINGET"):
-                        if arg not in memo:
-                            raise UnreadableError(f"memo entry {one_line(arg, 20)} read before it was stored")
-                        stack.append(memo[arg])
-                    elif name in ("GLOBAL", "STACK_GLOBAL"):
-                        if name == "GLOBAL":
-                            module, _, attr = arg.partition(" ")
-                        else:
-                            if len(stack) < 2:
-                                raise UnreadableError("STACK_GLOBAL on a short stack")
-                            module, attr = stack[-2], stack[-1]
-                            del stack[-2:]
-                            if not (isinstance(module, str) and isinstance(attr, str)):
-                                raise UnreadableError("STACK_GLOBAL with names that are not strings")
-                        stack.append(_global(module, attr))
-                    elif name == "REDUCE":
-                        if len(stack) < 2:
-                            raise UnreadableError("REDUCE on a short stack")
-                        func, args = stack[-2], stack[-1]
-                        del stack[-2:]
-                        stack.append(self._call(func, args, "REDUCE"))
-                    elif name in ("NEWOBJ", "NEWOBJ_EX"):
-                        n = 2 if name == "NEWOBJ" else 3
-                        if len(stack) < n:
-                            raise UnreadableError(f"{name} on a short stack")
-                        cls, args = stack[-n], stack[-n + 1]
-                        if name == "NEWOBJ_EX" and stack[-1]:
-                            raise UnsafePickleError(f"NEWOBJ_EX calls {one_line(cls, 80)} with keyword arguments")
-                        del stack[-n:]
-                        stack.append(self._newobj(cls, args))
-                    elif name == "INST":
-                        module, _, attr = arg.partition(" ")
-                        stack.append(self._call(_global(module, attr), tuple(pop_mark()), "INST"))
-                    elif name == "OBJ":
-                        items = pop_mark()
-                        if not items:
-                            raise UnreadableError("OBJ without a class")
-                        stack.append(self._call(items[0], tuple(items[1:]), "OBJ"))
-                    elif name == "BUILD":
-                        if len(stack) < 2:
-                            raise UnreadableError("BUILD on a short stack")
-                        state = stack.pop()
-                        self._build(stack[-1], state)
-                    elif name in ("PERSID", "BINPERSID"):
-                        pid = arg if name == "PERSID" else (stack.pop() if stack else None)
-                        stack.append(self._storage(pid))
-                    elif name in ("EXT1", "EXT2", "EXT4"):
-                        raise UnreadableError(f"extension code {arg} is not registered")
-                    else:  # NEXT_BUFFER, READONLY_BUFFER: out-of-band data a file cannot carry
-                        raise UnreadableError(f"opcode {name} is not supported in a file")
-        except (UnreadableError, UnsafePickleError):
-            raise
-        except IndexError:
-            raise UnreadableError("damaged pickle: opcode on an empty stack") from None
-        except RecursionError:
-            raise UnreadableError("damaged pickle: nests too deeply") from None
-        except MemoryError:
-            raise  # the caller's budget ran out: it names the budget (isolate.detect_isolated)
-        except Exception as exc:  # anything else the bytes provoke is a damaged file
-            raise UnreadableError(f"damaged pickle: {type(exc).__name__}: {one_line(exc, 120)}") from None
-        raise UnreadableError("damaged pickle: ends without STOP (truncated)")
-
-    def _add(self, target: Any, items: list, opcode: str) -> None:
-        self._count(0, len(items))
-        if isinstance(target, PickledObject):  # a dict or list subclass being filled
-            if opcode.startswith("SETITEM"):
-                target.items = target.items if isinstance(target.items, dict) else {}
-            else:
-                target.items = target.items if isinstance(target.items, list) else []
-            target = target.items
-        if opcode.startswith("APPEND") and isinstance(target, list):
-            target.extend(items)
-        elif opcode.startswith("SETITEM") and isinstance(target, dict):
-            if len(items) % 2:
-                raise UnreadableError("SETITEMS with an odd number of items")
-            for i in range(0, len(items), 2):
-                target[self._key(items[i])] = items[i + 1]
-        elif opcode == "ADDITEMS" and isinstance(target, set):
-            target.update(self._key(i) for i in items)
-        else:
-            raise UnreadableError(f"{opcode} on a {type(target).__name__}")
-
-    def _build(self, target: Any, state: Any) -> None:
-        # BUILD sets an instance's state. On a record it is data; on a dict (a state dict's
-        # _metadata) it would only set attributes, which we do not keep. On a class it would
-        # set class attributes: code, in effect.
-        if isinstance(target, PickledObject):
-            target.state = state
-        elif isinstance(target, GlobalRef):
-            raise UnsafePickleError(f"BUILD sets attributes of {target}")
-        elif not isinstance(target, (dict, list)):
-            raise UnreadableError(f"BUILD on a {type(target).__name__}")
-
-
-# Modules whose classes a pickle may not create even without __init__ (their __new__ or
-# __setstate__ act on the world, or they are callables in disguise).
-_NO_NEWOBJ_MODULES = {"os", "posix", "nt", "subprocess", "sys", "builtins", "shutil", "socket", "importlib",
-                      "ctypes", "code", "runpy", "pty", "multiprocessing", "functools", "operator", "_operator",
-                      "pickle", "_pickle", "marshal", "io", "_io", "webbrowser", "types", "codecs", "_codecs",
-                      "signal", "threading", "asyncio", "tempfile", "copyreg", "inspect", "torch", "_thread"}
-# Standard-library value types whose constructors only build the value; kept as records.
-_STDLIB_VALUES = {("datetime", n) for n in ("datetime", "date", "time", "timedelta", "timezone")} | {
-    ("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")} | {
-    ("decimal", "Decimal"), ("fractions", "Fraction"), ("uuid", "UUID")}
-_PUSH_ARG = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT",
-             "STRING", "BINSTRING", "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8",
-             "BYTEARRAY8", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
-_PUSH_CONST = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
-
-
-def _global(module: str, name: str) -> GlobalRef:
-    """A name the pickle refers to, with Python 2 names mapped as a real unpickler would."""
-    if (module, name) in _compat_pickle.NAME_MAPPING:
-        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-    return GlobalRef(one_line(module, 120), one_line(name, 120))
-
-
-# --- numpy values: data that numpy's own reduce functions rebuild --------------------
-
-_NUMPY_SCALAR_FORMATS = {"b1": "?", "i1": "b", "u1": "B", "i2": "h", "u2": "H", "i4": "i", "u4": "I",
-                         "i8": "q", "u8": "Q", "f2": "e", "f4": "f", "f8": "d"}
-
-
-def _numpy_data(func: GlobalRef) -> bool:
-    """numpy's data-rebuilding functions: dtype, scalar, array, and RNG state constructors
-    (including the Cython-generated ``__pyx_unpickle_*`` of numpy.random's classes)."""
-    if func.module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray"):
-        return func.name in ("dtype", "scalar", "_reconstruct")
-    if func.module in ("numpy.core.numeric", "numpy._core.numeric"):
-        return func.name == "_frombuffer"  # protocol 5 arrays
-    return func.module.split(".")[:2] == ["numpy", "random"] and (
-        func.name in ("__RandomState_ctor", "__randomstate_ctor", "__bit_generator_ctor", "__generator_ctor")
-        or func.name.startswith("__pyx_unpickle_"))
-
-
-def _numpy_value(machine: PickleMachine, func: GlobalRef, args: tuple) -> Any:
-    """A numpy scalar becomes its Python number (a step, a loss); everything else a record."""
-    if func.name == "scalar" and len(args) == 2 and isinstance(args[0], PickledObject) \
-            and args[0].cls.endswith("dtype") and args[0].args and isinstance(args[1], bytes):
-        machine.objects.add("numpy.scalar")
-        code = str(args[0].args[0]).lstrip("<>=|")
-        fmt = _NUMPY_SCALAR_FORMATS.get(code)
-        if fmt and struct.calcsize(fmt) == len(args[1]):
-            return struct.unpack("<" + fmt, args[1])[0]
-    name = "numpy.ndarray" if func.name in ("_reconstruct", "_frombuffer") else str(func)
-    return machine._record(GlobalRef(*name.rsplit(".", 1)), args)
-
-
-# --- the archive -----------------------------------------------------------------------
+# --- the zip archive -----------------------------------------------------------------------------
 
 def _entry_span(f, info: zipfile.ZipInfo, file_size: int) -> tuple[int, int]:
-    """(offset, size) of a stored entry's bytes, read from its local header and checked."""
+    """(offset, size) of an entry's bytes, read from its local header and checked against the central one."""
+    name = one_line(info.filename, 60)
     if not 0 <= info.header_offset < file_size:
-        raise UnreadableError(f"zip entry {one_line(info.filename, 60)} starts outside the file")
+        raise UnreadableError(f"zip entry {name} starts outside the file")
     f.seek(info.header_offset)
     header = f.read(30)
     if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        raise UnreadableError(f"zip entry {one_line(info.filename, 60)} has no local header")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
+        raise UnreadableError(f"zip entry {name} has no local header")
+    method, compressed, size, name_len, extra_len = struct.unpack("<4xH8xIIHH", header[4:30])
     if f.read(name_len) != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437", "replace"):
-        raise UnreadableError(f"zip entry {one_line(info.filename, 60)}: local and central names differ")
+        raise UnreadableError(f"zip entry {name}: local and central names differ")
+    if method != info.compress_type or (compressed, size) not in ((0, 0), (info.compress_size, info.file_size)) \
+            and (compressed, size) != (0xFFFFFFFF, 0xFFFFFFFF):
+        raise UnreadableError(f"zip entry {name}: local and central headers disagree on its method or size "
+                              f"(torch refuses the archive)")
     start = info.header_offset + 30 + name_len + extra_len
-    if start + info.file_size > file_size:
-        raise UnreadableError(f"zip entry {one_line(info.filename, 60)} reaches past the end of the file (truncated)")
-    return start, info.file_size
+    if start + info.compress_size > file_size:
+        raise UnreadableError(f"zip entry {name} reaches past the end of the file (truncated)")
+    return start, info.compress_size
 
 
-def _archive_layout(f, file_size: int, limits: ReaderLimits) -> tuple[str, dict[str, zipfile.ZipInfo]]:
-    """The one prefix and the entries by name, or UnreadableError for anything ambiguous."""
+def _archive_layout(f, file_size: int, limits: ReaderLimits) -> dict[str, zipfile.ZipInfo]:
+    """The entries by name under the archive's one folder, or UnreadableError for anything torch
+    refuses or that could be read two ways."""
     try:
         archive = zipfile.ZipFile(f)
         infos = archive.infolist()
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError, NotImplementedError) as exc:
+        declared_start = zipfile._EndRecData(f)[zipfile._ECD_OFFSET]
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError, NotImplementedError, TypeError) as exc:
         raise UnreadableError(f"damaged or truncated zip archive: {one_line(exc, 120)}") from None
+    if archive.start_dir != declared_start:
+        raise UnreadableError("bytes before the zip archive, or two archives in one file (torch refuses it)")
     if len(infos) > limits.max_entries:
         raise UnreadableError(f"zip archive with {len(infos)} entries")
+    if not infos:
+        raise UnreadableError("empty zip archive")
     names = [i.filename for i in infos]
-    pickles = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
-    if not pickles:
+    if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         raise UnreadableError("zip archive without data.pkl (not a torch.save file)")
-    if len(pickles) > 1:
-        raise UnreadableError(f"ambiguous archive: {len(pickles)} data.pkl entries")
-    prefix = pickles[0][: -len("data.pkl")]
-    if f"{prefix}constants.pkl" in names or any(n.startswith(f"{prefix}code/") for n in names):
+    # torch reads the folder from the first entry and every record under it.
+    folder = names[0].split("/", 1)[0] + "/" if "/" in names[0] else ""
+    if not folder:
+        raise UnreadableError(f"zip entry {one_line(names[0], 60)!r} is not in a folder (torch refuses the archive)")
+    if f"{folder}constants.pkl" in names or any(n.startswith(f"{folder}code/") for n in names):
         raise UnreadableError("a TorchScript archive (torch.jit.save), not a torch.save checkpoint")
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names) and f"{folder}data.pkl" not in names:
+        raise UnreadableError(f"ambiguous archive: data.pkl is not in the folder of the first entry ({folder})")
+    if f"{folder}data.pkl" not in names:
+        raise UnreadableError("zip archive without data.pkl (not a torch.save file)")
     if len(set(names)) != len(names):
         raise UnreadableError("ambiguous archive: duplicate entry names")
     entries = {}
     for info in infos:
-        rel = info.filename[len(prefix):] if info.filename.startswith(prefix) else None
-        if rel is None or "/" in prefix[:-1] or not (rel == "data.pkl" or rel in KNOWN_ENTRIES
-                                                    or re.fullmatch(r"data/[\w.]{1,64}", rel)):
+        rel = info.filename[len(folder):] if info.filename.startswith(folder) else None
+        if rel is None or not (rel == "data.pkl" or rel in KNOWN_ENTRIES or re.fullmatch(r"data/[\w.]{1,64}", rel)):
             raise UnreadableError(f"ambiguous archive: stray entry {one_line(info.filename, 80)!r}")
         if info.flag_bits & 0x1:
             raise UnreadableError(f"zip entry {one_line(info.filename, 60)} is encrypted")
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise UnreadableError(f"zip entry {one_line(info.filename, 60)} is compressed "
-                                  f"(torch.save stores entries uncompressed)")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise UnreadableError(f"zip entry {one_line(info.filename, 60)} is compressed with a method torch "
+                                  f"cannot read")
         entries[rel] = info
-    return prefix, entries
+    if "version" not in entries and ".data/version" not in entries:
+        raise UnreadableError("zip archive without a version record (torch refuses it)")
+    return entries
 
 
-def _small_entry(f, info: zipfile.ZipInfo | None, file_size: int, limit: int = 64) -> str:
-    if info is None:
-        return ""
+def _entry_bytes(f, info: zipfile.ZipInfo, file_size: int, limit: int) -> bytes:
+    """An entry's bytes, inflated as torch would, within ``limit``."""
     if info.file_size > limit:
-        raise UnreadableError(f"zip entry {one_line(info.filename, 60)} is larger than expected")
+        raise UnreadableError(f"zip entry {one_line(info.filename, 60)} of {info.file_size} bytes exceeds the "
+                              f"limit of {limit}")
     start, size = _entry_span(f, info, file_size)
-    f.seek(start)
-    return f.read(size).decode("ascii", "replace").strip()
-
-
-def inspect_file(f, limits: ReaderLimits = DEFAULT_LIMITS) -> ArchiveInspection:
-    """Inspect an open, regular ``torch.save`` file; raises UnreadableError/UnsafePickleError only."""
-    try:
-        return _inspect_file(f, limits)
-    except (UnreadableError, UnsafePickleError, MemoryError):
-        raise
-    except OSError as exc:
-        raise UnreadableError(f"cannot read: {exc.strerror or exc}") from None
-    except Exception as exc:  # whatever else the bytes provoke (zipfile, struct): a damaged file
-        raise UnreadableError(f"damaged file: {type(exc).__name__}: {one_line(exc, 120)}") from None
-
-
-def _inspect_file(f, limits: ReaderLimits) -> ArchiveInspection:
-    deadline = time.monotonic() + limits.seconds
-    file_size = f.seek(0, 2)
-    f.seek(0)
-    head = f.read(4)
-    if not head:
-        raise UnreadableError("empty file")
-    if head != b"PK\x03\x04":
-        if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]", b"K", b"I", b"L"):
-            _legacy(f, file_size, limits, deadline)
-        f.seek(8)
-        if f.read(2) in (b'{"', b"{'"):  # an 8-byte header length, then a JSON header
-            raise UnreadableError("a safetensors file, not a torch.save checkpoint")
-        raise UnreadableError("not a zip archive (torch.save format)")
-    prefix, entries = _archive_layout(f, file_size, limits)
-    if _small_entry(f, entries.get("byteorder"), file_size) not in ("", "little"):
-        raise UnreadableError("big-endian archive (byteorder is not little)")
-    pkl = entries["data.pkl"]
-    if pkl.file_size > limits.max_pickle_bytes:
-        raise UnreadableError(f"pickle of {pkl.file_size} bytes exceeds the limit of {limits.max_pickle_bytes}")
-    start, size = _entry_span(f, pkl, file_size)
     f.seek(start)
     data = f.read(size)
     if len(data) != size:
-        raise UnreadableError("data.pkl is cut short (truncated)")
-    machine = PickleMachine(data, limits, deadline)
+        raise UnreadableError(f"zip entry {one_line(info.filename, 60)} is cut short (truncated)")
+    if info.compress_type == zipfile.ZIP_DEFLATED:
+        inflater = zlib.decompressobj(-15)
+        try:
+            data = inflater.decompress(data, limit + 1)
+        except zlib.error as exc:
+            raise UnreadableError(f"zip entry {one_line(info.filename, 60)}: damaged compressed data ({exc})") \
+                from None
+        if len(data) != info.file_size:
+            raise UnreadableError(f"zip entry {one_line(info.filename, 60)} inflates to another size than its "
+                                  f"header says")
+    return data
+
+
+def _inspect_zip(f, file_size: int, limits: ReaderLimits, deadline: float) -> ArchiveInspection:
+    entries = _archive_layout(f, file_size, limits)
+    if "byteorder" in entries and _entry_bytes(f, entries["byteorder"], file_size, 64).strip() not in (b"", b"little"):
+        raise UnreadableError("big-endian archive (byteorder is not little)")
+    data = _entry_bytes(f, entries["data.pkl"], file_size, limits.max_pickle_bytes)
+    machine = PickleMachine(data, limits, deadline, persistent="zip")
     obj = machine.run()
     spans: dict[str, tuple[int, int]] = {}
     for key, storage in machine.storages.items():
         info = entries.get(f"data/{key}")
         if info is None:
             raise UnreadableError(f"storage data/{key} missing from the archive")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise UnreadableError(f"storage data/{key} is compressed (torch.save stores storages uncompressed; "
+                                  f"this tool maps them in place)")
         spans[key] = _entry_span(f, info, file_size)
-        if spans[key][1] < storage.nbytes:
-            raise UnreadableError(f"storage data/{key} holds {spans[key][1]} bytes, expected {storage.nbytes}")
+        if spans[key][1] != storage.nbytes:
+            raise UnreadableError(f"storage data/{key} holds {spans[key][1]} bytes, but the pickle declares "
+                                  f"{storage.nbytes}")
     return ArchiveInspection("ok", "", obj, machine.storages, spans, sorted(machine.objects), machine.protocol)
 
 
-def _legacy(f, file_size: int, limits: ReaderLimits, deadline: float) -> None:
-    """A pre-1.6 (non-zip) torch.save file: read its pickles to tell unsafe from merely old."""
-    f.seek(0)
-    data = f.read(min(file_size, limits.max_pickle_bytes))
-    position = 0
-    try:
-        for part in ("magic number", "protocol", "system info", "object"):
-            machine = PickleMachine(data, limits, deadline, legacy=(part == "object"))
-            machine.run(position)
-            position = machine.end
-    except UnsafePickleError:
-        raise
-    except UnreadableError as exc:
-        raise UnreadableError(f"not a zip archive, and not a legacy torch.save file either ({exc})") from None
-    raise UnreadableError("legacy (pre-1.6, non-zip) torch.save format is not supported; its pickle calls "
+# --- files that are not zip archives: torch's legacy path ------------------------------------------
+
+def _next(data, limits: ReaderLimits, deadline: float, start: int,
+          persistent: str | None = None) -> tuple[Any, int]:
+    """The pickle that starts at ``start``, and where the next one starts."""
+    machine = PickleMachine(data, limits, deadline, persistent=persistent)
+    value = machine.run(start)
+    return value, machine.end
+
+
+def _inspect_stream(data, limits: ReaderLimits, deadline: float) -> None:
+    """A non-zip file as torch's legacy loader reads it: a pickle, whatever the file holds, then
+    (if that was torch's magic number) the protocol, system info, object and storage keys."""
+    magic, position = _next(data, limits, deadline, 0)
+    if magic != LEGACY_MAGIC:
+        raise UnreadableError("a pickle that is not a torch.save file (torch.load stops at its magic number)")
+    protocol, position = _next(data, limits, deadline, position)
+    if protocol != LEGACY_PROTOCOL:
+        raise UnreadableError(f"legacy torch.save file with protocol {one_line(protocol, 20)} (torch refuses it)")
+    _, position = _next(data, limits, deadline, position)  # system info
+    _, position = _next(data, limits, deadline, position, persistent="legacy")  # the object
+    _next(data, limits, deadline, position)  # the storage keys
+    raise UnreadableError("legacy (pre-1.6, non-zip) torch.save format is not supported; its pickles call "
                           "nothing unsafe; ask for a copy saved by torch>=1.6 where the model was trained")
+
+
+def _inspect_tar(tar: tarfile.TarFile, limits: ReaderLimits, deadline: float) -> None:
+    """The oldest torch.save format: every pickle of its members is read, in torch's order."""
+    def member(name: str) -> bytes:
+        info = tar.getmember(name)
+        if not info.isfile() or info.size > limits.max_pickle_bytes:
+            raise UnreadableError(f"tar member {name} is not a file of at most {limits.max_pickle_bytes} bytes")
+        return tar.extractfile(info).read()
+
+    try:
+        storages, tensors, pickle_member = member("storages"), member("tensors"), member("pickle")
+    except KeyError as exc:
+        raise UnreadableError(f"a tar file without the member {one_line(exc, 40)}, not a torch.save file") from None
+    count, position = _counted(storages, limits, deadline)
+    for _ in range(count):
+        key_location_type, position = _next(storages, limits, deadline, position)
+        storage_type = key_location_type[2] if isinstance(key_location_type, tuple) and \
+            len(key_location_type) == 3 else None
+        itemsize = DTYPE_ITEMSIZE.get(STORAGE_DTYPES.get(getattr(storage_type, "name", ""), ""), 0)
+        if not itemsize or position + 8 > len(storages):
+            raise UnreadableError("tar member storages: a storage record torch cannot read")
+        numel = struct.unpack("<q", storages[position:position + 8])[0]
+        position += 8 + max(numel, 0) * itemsize
+    _next(storages, limits, deadline, position)  # the storage views
+    count, position = _counted(tensors, limits, deadline)
+    for _ in range(count):
+        _, position = _next(tensors, limits, deadline, position)
+        if position + 8 > len(tensors):
+            raise UnreadableError("tar member tensors: a tensor record torch cannot read")
+        ndim = struct.unpack("<i", tensors[position:position + 4])[0]
+        position += 8 + 16 * max(ndim, 0) + 8
+    _next(pickle_member, limits, deadline, 0, persistent="legacy")
+    raise UnreadableError("the oldest (tar) torch.save format is not supported; its pickles call nothing unsafe")
+
+
+def _counted(data: bytes, limits: ReaderLimits, deadline: float) -> tuple[int, int]:
+    count, position = _next(data, limits, deadline, 0)
+    if type(count) is not int or not 0 <= count <= limits.max_pickles:
+        raise UnreadableError("a legacy record count that is not a small integer")
+    return count, position
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    return len(head) >= 10 and head[8:10] in (b'{"', b"{'")
+
+
+def _inspect_legacy(f, file_size: int, limits: ReaderLimits, deadline: float) -> None:
+    f.seek(0)
+    try:
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            return _inspect_tar(tar, limits, deadline)
+    except tarfile.TarError:
+        pass
+    f.seek(0)
+    head = f.read(16)
+    try:
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        f.seek(0)
+        data = f.read(limits.max_pickle_bytes)
+    try:
+        _inspect_stream(data, limits, deadline)
+    except UnreadableError as exc:
+        if _looks_like_safetensors(head):
+            raise UnreadableError("a safetensors file, not a torch.save checkpoint") from None
+        if "torch.save" in str(exc):
+            raise
+        raise UnreadableError(f"not a zip archive, nor a pickle torch.load reads: {exc}") from None
+    finally:
+        if isinstance(data, mmap.mmap):
+            data.close()
+
+
+def inspect_file(f, limits: ReaderLimits = DEFAULT_LIMITS) -> ArchiveInspection:
+    """Inspect an open, regular ``torch.save`` file; raises UnreadableError/UnsafePickleError only."""
+    try:
+        deadline = time.monotonic() + limits.seconds
+        file_size = f.seek(0, 2)
+        f.seek(0)
+        head = f.read(4)
+        if not head:
+            raise UnreadableError("empty file")
+        if head == b"PK\x03\x04":  # what torch.load tells a zip archive by
+            return _inspect_zip(f, file_size, limits, deadline)
+        _inspect_legacy(f, file_size, limits, deadline)
+        raise UnreadableError("not a torch.save file")  # not reached: the legacy reader always gives a verdict
+    except (UnreadableError, UnsafePickleError, MemoryError):
+        raise
+    except OSError as exc:
+        raise UnreadableError(f"cannot read: {exc.strerror or exc}") from None
+    except Exception as exc:  # whatever else the bytes provoke (zipfile, struct): a damaged file
+        raise UnreadableError(f"damaged file: {type(exc).__name__}: {one_line(exc, 120)}") from None
 
 
 _FILE_KINDS = ((stat.S_ISDIR, "is a directory, not a file"), (stat.S_ISFIFO, "is a FIFO (named pipe), not a file"),
