@@ -529,3 +529,32 @@ def test_a_deflated_pickle_is_read(tmp_path):
     inspection = inspect_archive(path)
     # torch inflates data.pkl; the storages, deflated too, cannot be mapped in place.
     assert inspection.status == "unreadable" and "compressed" in inspection.reason, inspection.reason
+
+
+def test_nested_main_records_are_data_and_their_methods_are_never_reached(tmp_path):
+    import dataclasses
+
+    from .builders import as_main
+
+    @as_main
+    @dataclasses.dataclass
+    class Optim:
+        lr: float = 0.02
+
+    @as_main
+    @dataclasses.dataclass
+    class Run:
+        optim: Optim = dataclasses.field(default_factory=Optim)
+        name: str = "eng_spa"
+
+    inspection = inspect_archive(_small(tmp_path / "nested.pt", run=Run()))
+    assert inspection.status == "ok", inspection.reason
+    run = inspection.obj["run"]
+    assert run.cls == "__main__.Run" and run.state["optim"].cls == "__main__.Optim"
+    assert run.state["optim"].state == {"lr": 0.02}
+    # The same instance handed to a reconstructor that iterates it, or used as a key, is unsafe.
+    for pkl in (b"\x80\x02ccollections\nCounter\nc__main__\nRun\n)\x81\x85R.",
+                b"\x80\x02}c__main__\nRun\n)\x81K\x01s."):
+        path = _zip_with_pickle(tmp_path / "u.pt", pkl)
+        found = inspect_archive(path)
+        assert found.status == "unsafe" and "__main__.Run" in found.reason, found.reason

@@ -35,6 +35,11 @@ def is_main_record(value: Any) -> bool:
     return isinstance(value, PickledObject) and value.cls.startswith(MAIN_MODULE + ".")
 
 
+def named(value: Any, *names: str) -> bool:
+    """``value`` is the allowed global ``names`` name (a string that spells it is not)."""
+    return isinstance(value, GlobalRef) and str(value) in names
+
+
 def check_no_records(value: Any, what: str, depth: int = 0) -> None:
     """``value`` holds no ``__main__`` instance, whose methods would run when ``what`` uses it."""
     if is_main_record(value):
@@ -112,7 +117,7 @@ _FACTORIES = {"builtins." + n for n in ("list", "dict", "int", "float", "set", "
 def _defaultdict(m, args: tuple) -> DefaultDictValue:
     args = _args(args, "collections.defaultdict", 0, 2)
     factory = args[0] if args else None
-    if factory is not None and str(factory) not in _FACTORIES:
+    if factory is not None and not named(factory, *_FACTORIES):
         raise UnsafePickleError(f"collections.defaultdict with the default factory {one_line(factory, 80)}")
     result = DefaultDictValue()
     if len(args) == 2:
@@ -292,7 +297,7 @@ def _special_tensor(kind: str, low: int, high: int) -> Callable:
     def build(m, args: tuple) -> PickledObject:
         _args(args, what, low, high)
         check_no_records(args, what)
-        if kind == "wrapper_subclass" and str(args[0]) not in ("torch.Tensor", "torch.nn.parameter.Parameter"):
+        if kind == "wrapper_subclass" and not named(args[0], "torch.Tensor", "torch.nn.parameter.Parameter"):
             raise UnsafePickleError(f"{what} would create a {one_line(args[0], 80)}")
         m.objects.add(f"torch.Tensor ({kind})")
         return m.record(f"torch.Tensor ({kind})", args)
@@ -304,7 +309,7 @@ def _rebuild_from_type_v2(m, args: tuple):
     func, new_type, func_args, state = _args(args, "torch._tensor._rebuild_from_type_v2", 4, 4)
     if not isinstance(func, GlobalRef) or str(func) not in CALLS or not str(func).startswith("torch._utils._rebuild"):
         raise UnsafePickleError(f"torch._tensor._rebuild_from_type_v2 would call {one_line(func, 80)}")
-    if str(new_type) not in ("torch.Tensor", "torch.nn.parameter.Parameter"):
+    if not named(new_type, "torch.Tensor", "torch.nn.parameter.Parameter"):
         raise UnsafePickleError(f"torch._tensor._rebuild_from_type_v2 would make a {one_line(new_type, 80)}")
     if not isinstance(func_args, tuple):
         raise UnreadableError("torch._tensor._rebuild_from_type_v2 with arguments that are not a tuple")
@@ -340,7 +345,7 @@ def _numpy_dtype(m, args: tuple) -> PickledObject:
 
 def _numpy_reconstruct(m, args: tuple) -> PickledObject:
     cls, shape, typecode = _args(args, "numpy.core.multiarray._reconstruct", 3, 3)
-    if str(cls) != "numpy.ndarray":
+    if not named(cls, "numpy.ndarray"):
         raise UnsafePickleError(f"numpy.core.multiarray._reconstruct would create a {one_line(cls, 80)}")
     check_no_records((shape, typecode), "numpy.core.multiarray._reconstruct")
     return m.record("numpy.ndarray", args)
@@ -392,7 +397,7 @@ def _rng_ctor(what: str, record: str) -> Callable:
         args = _args(args, what, 0, 2)
         if args:
             _bit_generator_spec(args[0], what)
-        if len(args) == 2 and str(args[1]) != "numpy.random._pickle.__bit_generator_ctor":
+        if len(args) == 2 and not named(args[1], "numpy.random._pickle.__bit_generator_ctor"):
             raise UnsafePickleError(f"{what} would call {one_line(args[1], 80)}")
         return m.record(record, args[:1])
     return build
@@ -407,7 +412,7 @@ def _seed_sequence(m, args: tuple) -> PickledObject:
     # Cython's __pyx_unpickle_X(cls, checksum, state) creates cls.__new__(cls): only SeedSequence.
     what = "numpy.random.bit_generator.__pyx_unpickle_SeedSequence"
     cls, checksum, state = _args(args, what, 3, 3)
-    if str(cls) != "numpy.random.bit_generator.SeedSequence":
+    if not named(cls, "numpy.random.bit_generator.SeedSequence"):
         raise UnsafePickleError(f"{what} would create a {one_line(cls, 80)}")
     if type(checksum) is not int:
         raise UnreadableError(f"{what} without an integer checksum")
@@ -446,10 +451,10 @@ def _reconstructor(m, args: tuple) -> PickledObject:
     cls, base, state = _args(args, "copyreg._reconstructor", 3, 3)
     if not (isinstance(cls, GlobalRef) and is_record_class(cls)):
         raise UnsafePickleError(f"copyreg._reconstructor would create a {one_line(cls, 80)}")
-    if str(base) == "builtins.object":
+    if named(base, "builtins.object"):
         if state is not None:
             raise UnreadableError("copyreg._reconstructor with base object and a state")
-    elif str(base) in _NEW_EMPTY or str(base) in ("builtins.int", "builtins.float", "builtins.str", "builtins.bytes"):
+    elif named(base, *_NEW_EMPTY, "builtins.int", "builtins.float", "builtins.str", "builtins.bytes"):
         check_no_records(state, f"copyreg._reconstructor with base {base}")
     else:
         raise UnsafePickleError(f"copyreg._reconstructor would run {one_line(base, 80)}.__init__")

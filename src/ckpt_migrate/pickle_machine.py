@@ -378,12 +378,12 @@ class PickleMachine:
 
 
 def _attributes(state: Any, what: str) -> None:
-    """Instance state as ``object.__reduce_ex__`` writes it: a dict of attributes, or (dict, slots)."""
+    """Instance state as ``object.__reduce_ex__`` writes it: a dict of attributes, or (dict, slots).
+    Its values are only stored (a nested config is a record among them); its keys are names."""
     parts = state if isinstance(state, tuple) and len(state) == 2 else (state,)
     for part in parts:
         if part is not None and not (isinstance(part, dict) and all(isinstance(k, str) for k in part)):
             raise UnreadableError(f"BUILD on {what} with a state that is not attributes")
-        allow.check_no_records(part, f"BUILD on {what}")
 
 
 # --- one handler per opcode ----------------------------------------------------------------------

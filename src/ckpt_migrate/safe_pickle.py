@@ -262,7 +262,9 @@ def _inspect_legacy(f, file_size: int, limits: ReaderLimits, deadline: float) ->
     f.seek(0)
     head = f.read(16)
     try:
-        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        # The pickles lie at the start; mapping no more than the pickle budget keeps the
+        # address space (which the isolated reader's budget counts) small for a large file.
+        data = mmap.mmap(f.fileno(), min(file_size, limits.max_pickle_bytes), access=mmap.ACCESS_READ)
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
         f.seek(0)
         data = f.read(limits.max_pickle_bytes)
