@@ -273,9 +273,17 @@ class PickleMachine:
             raise UnreadableError("damaged pickle: data was truncated (a length beyond its end)")
         return self._input.read(n)
 
-    def text(self, raw: bytes) -> str:
+    def text(self, raw: bytes, encoding: str = "utf-8") -> str:
         self.count()
-        return raw.decode("utf-8", "surrogatepass")
+        return raw.decode(encoding, "surrogatepass" if encoding == "utf-8" else "strict")
+
+    def blob(self, raw: bytes) -> bytes:
+        self.count()
+        return bytes(raw)
+
+    def counted(self, items: list) -> list:
+        self.count(1, len(items))
+        return items
 
     def line(self) -> bytes:
         return self._input.readline()[:-1]
@@ -658,23 +666,23 @@ DISPATCH: dict[int, Callable[[PickleMachine], None]] = {op[0]: handler for op, h
     b"S": _push(lambda m: _string(m, _quoted(m.line()))),                # STRING
     b"T": _push(lambda m: _string(m, m.sized("<i"))),                    # BINSTRING
     b"U": _push(lambda m: _string(m, m.sized("<B"))),                    # SHORT_BINSTRING
-    b"V": _push(lambda m: (m.count(), m.line().decode("raw-unicode-escape"))[1]),  # UNICODE
+    b"V": _push(lambda m: m.text(m.line(), "raw-unicode-escape")),       # UNICODE
     b"X": _push(lambda m: m.text(m.sized("<I"))),                        # BINUNICODE
     b"\x8c": _push(lambda m: m.text(m.sized("<B"))),                     # SHORT_BINUNICODE
     b"\x8d": _push(lambda m: m.text(m.sized("<Q"))),                     # BINUNICODE8
-    b"B": _push(lambda m: (m.count(), m.sized("<i"))[1]),                # BINBYTES
-    b"C": _push(lambda m: (m.count(), m.sized("<B"))[1]),                # SHORT_BINBYTES
-    b"\x8e": _push(lambda m: (m.count(), m.sized("<Q"))[1]),             # BINBYTES8
-    b"\x96": _push(lambda m: (m.count(), bytes(m.sized("<Q")))[1]),      # BYTEARRAY8
+    b"B": _push(lambda m: m.blob(m.sized("<I"))),                        # BINBYTES
+    b"C": _push(lambda m: m.blob(m.sized("<B"))),                        # SHORT_BINBYTES
+    b"\x8e": _push(lambda m: m.blob(m.sized("<Q"))),                     # BINBYTES8
+    b"\x96": _push(lambda m: m.blob(m.sized("<Q"))),                     # BYTEARRAY8
     b")": _push(lambda m: ()),                                           # EMPTY_TUPLE
     b"]": _push(_empty(list)),                                           # EMPTY_LIST
     b"}": _push(_empty(dict)),                                           # EMPTY_DICT
     b"\x8f": _push(_empty(set)),                                         # EMPTY_SET
-    b"t": lambda m: (lambda items: (m.count(1, len(items)), m.push(tuple(items))))(m.pop_mark()),  # TUPLE
+    b"t": _push(lambda m: tuple(m.counted(m.pop_mark()))),               # TUPLE
     b"\x85": _tuple_n(1),                                                # TUPLE1
     b"\x86": _tuple_n(2),                                                # TUPLE2
     b"\x87": _tuple_n(3),                                                # TUPLE3
-    b"l": lambda m: (lambda items: (m.count(1, len(items)), m.push(items)))(m.pop_mark()),  # LIST
+    b"l": _push(lambda m: m.counted(m.pop_mark())),                      # LIST
     b"d": _dict,                                                         # DICT
     b"\x91": _frozenset,                                                 # FROZENSET
     b"a": _add("APPEND", False, 1),                                      # APPEND
