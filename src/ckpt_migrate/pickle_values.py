@@ -14,6 +14,7 @@ DTYPE_ITEMSIZE: dict[str, int] = {
     "complex128": 16, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "uint16": 2,
     "uint32": 4, "uint64": 8, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
     "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
+    "quint8": 1, "qint8": 1, "qint32": 4, "quint4x2": 1, "quint2x4": 1,  # quantized tensors' storages
 }
 # Legacy typed-storage class names (still written by torch.save for these dtypes).
 STORAGE_DTYPES: dict[str, str] = {
@@ -21,7 +22,8 @@ STORAGE_DTYPES: dict[str, str] = {
     "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
     "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
     "ComplexFloatStorage": "complex64", "ComplexDoubleStorage": "complex128",
-    "UntypedStorage": "uint8",
+    "UntypedStorage": "uint8", "QUInt8Storage": "quint8", "QInt8Storage": "qint8", "QInt32Storage": "qint32",
+    "QUInt4x2Storage": "quint4x2", "QUInt2x4Storage": "quint2x4",
 }
 TORCH_DTYPE_ALIASES = {"float": "float32", "double": "float64", "half": "float16", "long": "int64",
                        "int": "int32", "short": "int16", "cfloat": "complex64", "cdouble": "complex128",
