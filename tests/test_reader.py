@@ -11,6 +11,7 @@ import io
 import os
 import pickle
 import random
+import struct
 import subprocess
 import sys
 import zipfile
@@ -558,3 +559,67 @@ def test_nested_main_records_are_data_and_their_methods_are_never_reached(tmp_pa
         path = _zip_with_pickle(tmp_path / "u.pt", pkl)
         found = inspect_archive(path)
         assert found.status == "unsafe" and "__main__.Run" in found.reason, found.reason
+
+
+# --- red team (issue 19): what torch's weights-only loader reads is not a false alarm; shared
+# containers cost their size, not their number of paths
+
+_NEWOBJ_AND_CALLS = {
+    "NEWOBJ torch.Size((2, 3))": b"\x80\x02ctorch\nSize\nK\x02K\x03\x86\x85\x81.",
+    "NEWOBJ complex(1.0, 2.0)": b"\x80\x02cbuiltins\ncomplex\nG?\xf0\x00\x00\x00\x00\x00\x00"
+                                b"G@\x00\x00\x00\x00\x00\x00\x00\x86\x81.",
+    "NEWOBJ torch.Tensor()": b"\x80\x02ctorch\nTensor\n)\x81.",
+    "torch.FloatTensor([1.0, 2.0])": b"\x80\x02ctorch\nFloatTensor\n](G?\xf0\x00\x00\x00\x00\x00\x00"
+                                     b"G@\x00\x00\x00\x00\x00\x00\x00e\x85R.",
+    "torch.storage.UntypedStorage(4)": b"\x80\x02ctorch.storage\nUntypedStorage\nK\x04\x85R.",
+    "bytearray(4)": b"\x80\x02cbuiltins\nbytearray\nK\x04\x85R.",
+}
+
+
+@pytest.mark.parametrize("name", sorted(_NEWOBJ_AND_CALLS))
+def test_values_torch_weights_only_builds_are_data(tmp_path, name):
+    source = _small(tmp_path / "src.pt")
+    path = _rewrite(source, tmp_path / "value.pt", replace={_pickle_of(source)[0]: _NEWOBJ_AND_CALLS[name]})
+    torch.load(path, weights_only=True)  # torch reads it, so it is no attack
+    found = inspect_archive(path)
+    assert found.status == "ok", found.reason
+
+
+def _shared_lists(levels: int = 40, base: int = 100_000) -> bytes:
+    """Memo base = [], memo base+i+1 = [memo base+i] * 8: 8**40 paths through 41 lists, all left on
+    the stack (torch's weights-only unpickler has no POP)."""
+    out = b"]r" + struct.pack("<I", base)
+    for i in range(levels):
+        out += b"](" + (b"j" + struct.pack("<I", base + i)) * 8 + b"er" + struct.pack("<I", base + i + 1)
+    return out
+
+
+_TOP = b"j" + struct.pack("<I", 100_040)
+
+
+@pytest.mark.parametrize("use, verdict", [
+    (b"c__main__\nRunConfig\n" + _TOP + b"\x85\x81", "ok"),  # a record given the lists: each checked once
+    (b"0cdatetime\ndate\n" + _TOP + b"\x85R", "ok"),  # the same through an allowed call's argument check
+    (b"0ccollections\ndefaultdict\n" + _TOP + b"\x85R", "unsafe"),  # the message names the value briefly
+    (b"0" + _TOP + b"Q", "unreadable"),  # a persistent id that is no storage record: named briefly too
+])
+def test_shared_lists_are_walked_once(tmp_path, use, verdict):
+    pkl = b"\x80\x02" + _shared_lists() + use + b"."
+    found = inspect_archive(_zip_with_pickle(tmp_path / "dag.pt", pkl), ReaderLimits(seconds=20))
+    assert found.status == verdict and "longer than" not in found.reason, found.reason
+    assert len(found.reason) < 200
+
+
+def test_shared_lists_in_a_checkpoint_are_loaded_shared(tmp_path):
+    """A checkpoint carrying a list shared at every level loads at once, shared as torch.load has it."""
+    source = _small(tmp_path / "src.pt")
+    name, pkl = _pickle_of(source)
+    assert pkl.endswith(b"u.")
+    # One more item, 'history': a list of the 41 lists.
+    pkl = pkl[:-1] + b"X\x07\x00\x00\x00history](" + _shared_lists() + b"es."
+    path = _rewrite(source, tmp_path / "dag.pt", replace={name: pkl})
+    reference = torch.load(path, weights_only=True)["history"][-1]
+    checkpoint = open_checkpoint(path)
+    ours = checkpoint.materialize(checkpoint.inspection.obj)["history"][-1]
+    assert ours[0] is ours[7] and reference[0] is reference[7]
+    assert len(ours) == len(reference) == 8

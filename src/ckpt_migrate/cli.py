@@ -13,6 +13,7 @@ import os
 import sys
 from dataclasses import asdict, fields
 
+from .check_settings import CheckDeviceError, CheckSettings
 from .converted import FORMAT as CONVERTED_FORMAT
 from .detect import FORMAT_LABELS
 from .isolate import DEFAULT_MEMORY_MB, DEFAULT_SECONDS, detect_isolated
@@ -61,8 +62,6 @@ def cmd_inspect(args) -> int:
 
 def _settings(args):
     """The check settings the options give (the options are CheckSettings' fields, by name)."""
-    from .check import CheckSettings
-
     return CheckSettings(**{f.name: getattr(args, f.name) for f in fields(CheckSettings)})
 
 
@@ -93,7 +92,6 @@ def cmd_convert(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .check import CheckDeviceError
     from .convert import ConversionError
     from .conversion import CheckpointError, check_file
 
@@ -158,8 +156,6 @@ def cmd_demo_tree(args) -> int:
 
 def _add_check_options(p: argparse.ArgumentParser) -> None:
     """The check's options, with CheckSettings' defaults (the pipeline's schema has the same)."""
-    from .check import CheckSettings
-
     default = {f.name: f.default for f in fields(CheckSettings)}
     p.add_argument("--batch", type=int, default=default["batch"], help=f"sequences per check batch (default: {default['batch']})")
     p.add_argument("--length", type=int, default=default["length"], help=f"tokens per sequence (default: {default['length']})")

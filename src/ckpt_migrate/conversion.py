@@ -18,7 +18,7 @@ from . import __version__
 from . import converted as converted_format  # "converted" names the converted weights below
 from .atomic import PendingFile
 from .check import CheckDeviceError, CheckSettings, logit_check
-from .convert import ConversionError, convert_state_dict
+from .convert import ConversionError, check_finite, convert_state_dict
 from .detect import ManifestRecord, find_state_dict, record_from_inspection, strip_prefixes
 from .families import FAMILIES, GPTConfig
 from .fingerprint import converter_fingerprint
@@ -100,9 +100,10 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
                  overrides: dict | None = None) -> dict:
     """Convert a small checkpoint, check its logits and, if the check passes, write ``dst`` atomically.
 
-    Returns the check record (metrics, timings, output hash). A refused conversion, a failed
-    check, a source that changed while it was read, or a write that fails (disk full) returns
-    ``status: failed`` with a one-line reason, and nothing is left at ``dst``.
+    Returns the check record (metrics, timings, output hash). A refused conversion (a weight
+    anywhere in the model that holds a NaN or an Inf included, named), a failed check, a source
+    that changed while it was read, or a write that fails (disk full) returns ``status: failed``
+    with a one-line reason, and nothing is left at ``dst``.
     """
     settings = settings or CheckSettings()
     timings: dict[str, float] = {}
@@ -128,6 +129,9 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
         if record["format"] != "small":
             raise CheckpointError(f"not a small checkpoint ({record['format']}: {record.get('reason', '')})")
         timings["load_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        check_finite(small)  # every weight, before anything is built from it (the logit check cannot see them all)
+        timings["finite_s"] = time.perf_counter() - t1
         _progress("convert", t0)
         cfg = GPTConfig.from_record(record)
         t1 = time.perf_counter()
@@ -240,7 +244,9 @@ def check_file(path: str, settings: CheckSettings | None = None, source: str | N
     training-time forward against GPTBatched's), or converted.
 
     A converted file is checked against ``source``, the file it was converted from; a path
-    recorded inside the converted file is never followed on its own."""
+    recorded inside the converted file is never followed on its own. A weight that holds a NaN
+    or an Inf, in either file, raises :class:`~ckpt_migrate.convert.NonFiniteWeightsError`
+    naming it, before any forward."""
     settings = settings or CheckSettings()
     record, checkpoint, state_dict = load_source(path)
     if record["format"] == converted_format.FORMAT:
@@ -250,8 +256,11 @@ def check_file(path: str, settings: CheckSettings | None = None, source: str | N
         src_record, _, src_sd = load_source(source)
         if src_record["format"] != cfg.family:
             raise CheckpointError(f"{source}: is {src_record['format']}, but {path} was converted from {cfg.family}")
+        check_finite(src_sd, f"{source}: ")
+        check_finite(state_dict, f"{path}: ")
         reference, candidate = reference_model(src_record, src_sd), build_model(GPTBatched, cfg, state_dict)
     else:
+        check_finite(state_dict, f"{path}: ")
         cfg = GPTConfig.from_record(record)
         reference = reference_model(record, state_dict)
         weights = convert_state_dict(state_dict, cfg) if record["format"] == "small" else state_dict

@@ -49,6 +49,76 @@ class UnmappedKeyError(ConversionError):
     pass
 
 
+class NonFiniteWeightsError(ConversionError):
+    """A weight holds NaN or Inf: never certified, whether or not the logit check's tokens reach it."""
+
+
+# Elements tested at a time: what a test allocates (a boolean mask when NaNs and Infs are counted)
+# stays at 4 MiB whatever the tensor.
+FINITE_CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunks(tensor: torch.Tensor):
+    """``tensor`` in pieces of about FINITE_CHUNK_ELEMENTS elements (views, nothing copied)."""
+    if tensor.dim() == 0 or tensor.numel() <= FINITE_CHUNK_ELEMENTS:
+        yield tensor
+    elif tensor.is_contiguous():
+        flat = tensor.view(-1)
+        for start in range(0, flat.numel(), FINITE_CHUNK_ELEMENTS):
+            yield flat[start:start + FINITE_CHUNK_ELEMENTS]
+    else:
+        for row in tensor:  # a strided view: one slice of the first dimension at a time
+            yield from _chunks(row)
+
+
+def _test(fn, chunk: torch.Tensor) -> torch.Tensor:
+    try:
+        return fn(chunk)
+    except (NotImplementedError, RuntimeError):  # float8_e4m3fn has isnan but no isfinite/isinf kernel
+        return fn(chunk.float())
+
+
+def _finite(chunk: torch.Tensor) -> bool:
+    """Whether every element is finite: from the chunk's min and max, which a NaN anywhere turns
+    NaN (one pass, nothing allocated: ~4x torch.isfinite(chunk).all()), else element by element
+    (complex, float8, empty)."""
+    try:
+        low, high = torch.aminmax(chunk)
+    except (NotImplementedError, RuntimeError):
+        return bool(_test(torch.isfinite, chunk).all())
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
+def non_finite_counts(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """(NaN count, Inf count) of a tensor that holds any, else None; chunked, so its memory is
+    bounded, and a clean tensor (every one, normally) is read once."""
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return None
+    if all(_finite(chunk) for chunk in _chunks(tensor)):
+        return None
+    nan = sum(int(_test(torch.isnan, chunk).sum()) for chunk in _chunks(tensor))
+    inf = sum(int(_test(torch.isinf, chunk).sum()) for chunk in _chunks(tensor))
+    return nan, inf
+
+
+def check_finite(state_dict: dict[str, torch.Tensor], where: str = "") -> None:
+    """Raise :class:`NonFiniteWeightsError` naming the first tensor of ``state_dict`` that holds
+    a NaN or an Inf (and how many others do). Every tensor is tested, since the logit check
+    cannot see a weight its random tokens never reach (an embedding row), nor one that the
+    soft-cap turns finite (an Inf in the head). ``where`` prefixes the message (a file's path)."""
+    bad: list[tuple[str, tuple[int, int]]] = []
+    for key, tensor in state_dict.items():
+        counts = non_finite_counts(tensor)
+        if counts is not None:
+            bad.append((key, counts))
+    if bad:
+        (key, (nan, inf)), others = bad[0], [k for k, _ in bad[1:]]
+        more = ""
+        if others:
+            more = f"; also in {', '.join(others[:3])}" + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise NonFiniteWeightsError(f"{where}non-finite values in {key} ({nan} NaN, {inf} Inf){more}")
+
+
 def _scalar_slice(how: str, layer: int | None, layout: ScalarLayout, src_len: int) -> tuple[slice, slice]:
     """(source slice, target slice) of a small scalar tensor in GPTBatched's packed scalars."""
     if how == "scalars[skip]":

@@ -115,12 +115,18 @@ def read_config(obj: Any) -> GPTConfig | None:
           and isinstance(cfg.get("attn_layers"), list)
           and all(type(i) is int and 0 <= i < cfg["num_layers"] for i in cfg["attn_layers"])
           and (cfg.get("eot_token") is None or type(cfg.get("eot_token")) is int)
-          and isinstance(cfg.get("window_source", ""), str) and isinstance(cfg.get("eot_source", ""), str))
+          and isinstance(cfg.get("window_source", ""), str) and isinstance(cfg.get("eot_source", ""), str)
+          # the forward read from the source's code; a file written before these fields has the family's
+          and isinstance(cfg.get("softcap", ""), str) and isinstance(cfg.get("skip_order", "unet"), str)
+          and type(cfg.get("attn_scale", 0.12)) in (int, float) and isinstance(cfg.get("forward_source", ""), str))
     if not ok:
         return None
     config = GPTConfig.from_dict(cfg)
+    if config.forward_problem():
+        return None
     config.window_source = one_line(config.window_source, 120)
     config.eot_source = one_line(config.eot_source, 20)
+    config.forward_source = one_line(config.forward_source, 200)
     return config
 
 

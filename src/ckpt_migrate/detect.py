@@ -29,6 +29,7 @@ from .families import (
     small_expected_shapes,
     window_blocks_at,
 )
+from .forward_variant import describe_forward, family_default, forward_from_code
 from .safe_pickle import DEFAULT_LIMITS, ArchiveInspection, ReaderLimits, TensorStub, inspect_archive, one_line
 
 STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
@@ -92,6 +93,11 @@ class ManifestRecord(TypedDict, total=False):
     eot_token: int | None
     eot_token_source: str  # config, code, default or none
     eot_source: str  # converted files: the same, as their config stores it
+    # The forward it was trained with (small and medium: read from its training code; see forward_variant)
+    forward_source: str  # "code: soft-cap l.N; ..." or "no code: assumed <family> (...)"
+    softcap: str  # sigmoid30_width, sigmoid30_fixed or rsqrt15 ("" in a converted file: the family's)
+    attn_scale: float  # attention logit scale
+    skip_order: str  # small's U-net order: unet or reversed
     # Converted files
     converted_from: str  # the family the weights came from
     converter_version: str
@@ -169,7 +175,8 @@ def classify(state_dict: dict[str, TensorStub]) -> dict[str, Any]:
     embed = _shape(shapes, "embed.weight", 2)
     head = _shape(shapes, "lm_head_w" if family == "medium" else "lm_head.weight", 2)
     if embed is None or head is None:
-        result["reason"] = f"{family} layout without a 2-d embed.weight and lm-head"
+        near = _near_layout(set(shapes), family, variant)
+        result["reason"] = "; ".join([*near, f"{family} layout without a 2-d embed.weight and lm-head"])
         return result
     vocab_rows, model_dim = embed
     if not vocab_rows or not model_dim:
@@ -219,11 +226,13 @@ def classify(state_dict: dict[str, TensorStub]) -> dict[str, Any]:
         scalars_len = scalars[0] if scalars and scalars[0] >= 5 * num_layers else None
         expected = small_expected_shapes(variant, num_layers, hdim // HEAD_DIM, model_dim, mlp_dim,
                                          vocab_rows, head[0], scalars_len)
-        if variant == "v2" and vocab_rows % 128:
-            problems.append(f"v2 embeddings have {vocab_rows} rows, not padded to a multiple of 128")
+        # v2 at 345b2fb9 pads the embeddings to a multiple of 128; train_gpt.py of 2025-05-30 .. 07-14
+        # (afe0141e, 16e2da07, 72f449c1, 1f2e9c78) packs the scalars but does not: the same forward
+        # (padding rows are never looked up), and GPTBatched keeps the source's embedding rows.
     problems += shape_differences(shapes, expected)
     if problems:
-        result["reason"] = f"not {family}{('/' + variant) if variant else ''}: " + "; ".join(problems)
+        near = _near_layout(set(shapes), family, variant)
+        result["reason"] = f"not {family}{('/' + variant) if variant else ''}: " + "; ".join([*near, *problems])
         return result
     result.update(format=family, variant=variant)
     if family == "small" and hdim != model_dim:
@@ -233,6 +242,33 @@ def classify(state_dict: dict[str, TensorStub]) -> dict[str, Any]:
     elif family == "small":
         result["convertible"] = True
     return result
+
+
+_NESTED_VALUE_EMBED = re.compile(r"value_embeds\.embed\.\d{1,6}\.weight")
+_VALUE_EMBED = re.compile(r"value_embeds\.\d{1,6}\.weight")
+
+
+def _near_layout(keys: set[str], family: str, variant: str) -> list[str]:
+    """What sets a layout close to ``family``'s apart, in the lab's terms (the upstream versions
+    that write it, docs/upstream.md), to lead a reason; empty when it is none of the known ones."""
+    said = []
+    nested = sum(1 for k in keys if _NESTED_VALUE_EMBED.fullmatch(k))
+    if nested:
+        said.append(f"its {nested} value embeddings are nested (value_embeds.embed.N.weight, upstream's "
+                    f"ValueEmbedding module of train_gpt.py 2024-12-31 .. 2025-02-02) where the {family} layout "
+                    f"has value_embeds.N.weight; a forward this tool does not convert")
+    if "embed1.weight" in keys or "embed2.weight" in keys:
+        said.append(f"it has two token embeddings (embed1/embed2: train_gpt_medium.py from 34f5696a, 2025-12-02, "
+                    f"a second input embedding) where the {family} layout has one embed.weight")
+    flat = sum(1 for k in keys if _VALUE_EMBED.fullmatch(k))
+    if flat and flat != 3:
+        said.append(f"it has {flat} value embeddings where the {family} layout has 3"
+                    + (" (train_gpt_medium.py from 3fe7e76b, 2025-12-02, mixes 5 into v)" if flat == 5 else ""))
+    if (family == "small" and variant == "v2" and "scalars" not in keys
+            and any(k.endswith(".lambdas") for k in keys)):
+        said.append("it keeps per-block lambdas as small v1 does but has no skip_weights (no U-net skip "
+                    "weights: train_gpt.py experiments of 2025-02-01)")
+    return said
 
 
 def step_from_name(path: str) -> int | None:
@@ -297,6 +333,7 @@ def record_from_inspection(path: str, inspection: ArchiveInspection,
     record["has_code"] = isinstance(code, str)
     if record["format"] in FAMILIES:
         _infer_settings(record, code, overrides or {})
+        _read_forward(record, code)
     record["has_optimizer_state"] = isinstance(obj, dict) and any(
         obj.get(k) not in (None, [], {}) for k in OPTIMIZER_KEYS)
     record["params"] = sum(v.numel for v in stripped.values())
@@ -341,6 +378,26 @@ def _infer_settings(record: dict, code: Any, overrides: dict[str, Any]) -> None:
     if record["eot_token"] is not None and vocab and not 0 <= record["eot_token"] < vocab:
         notes.append(f"eot_token {record['eot_token']} ({record['eot_token_source']}) is outside the vocabulary "
                      f"({vocab}): it never occurs, so no document masking")
+
+
+def _read_forward(record: dict, code: Any) -> None:
+    """The forward the file was trained with, from the training code it carries: a small or medium
+    file whose code states a forward this tool does not reproduce becomes ``unknown``, naming the line."""
+    family = FAMILIES[record["format"]]
+    forward, source, problem = forward_from_code(code, family)
+    record["forward_source"] = one_line(source, 200)
+    if problem:
+        layout = record["format"] + (f"/{record['variant']}" if record.get("variant") else "")
+        record.pop("convertible", None)
+        record.update(format="unknown", variant="", status="unknown",
+                      reason=one_line(f"{layout} keys, but {problem}: its forward is not one this tool converts",
+                                      MAX_REASON))
+        return
+    record.update(forward)
+    if not source.startswith("code:"):
+        record.setdefault("notes", []).append(f"forward not read from the file ({source})")
+    elif forward != family_default(family):
+        record.setdefault("notes", []).append(f"forward read from its training code: {describe_forward(forward)}")
 
 
 def _count_dtypes(state_dict: dict[str, TensorStub]) -> dict[str, int]:

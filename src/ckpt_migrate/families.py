@@ -17,6 +17,10 @@ WINDOW_BLOCK = 128  # flex-attention block size; windows are counted in these bl
 EOT_TOKEN = 50256  # upstream's document separator (GPT-2 <|endoftext|>)
 NO_ATTENTION_LAYER = 7  # "skip attention of blocks.7" in both scripts
 MAX_LAYERS = 1024  # a layer count beyond this is damage, not a model (and would cost a loop that long)
+ATTN_SCALE = 0.12  # both families' attention scale (they replace head_dim ** -0.5 by this constant)
+# The soft-caps a family's forward can take (forward_variant.SOFTCAPS says what each computes).
+FAMILY_SOFTCAPS = {"small": ("sigmoid30_width", "sigmoid30_fixed"), "medium": ("rsqrt15",)}
+SKIP_ORDERS = {"small": ("unet", "reversed"), "medium": ("unet",)}
 
 
 def next_multiple(value: float, n: int) -> int:
@@ -36,7 +40,7 @@ class Family:
     norm_attn_input: bool  # attention sees norm(x) (small) or raw x (medium)
     norm_v: bool  # v is RMS-normed before the lambda mix (medium)
     skip_map: dict[int, int] | None  # medium: layer -> earlier layer whose output is added
-    softcap: str  # "sigmoid30" (small) or "rsqrt15" (medium)
+    softcap: str  # its own soft-cap: "sigmoid30_width" (small) or "rsqrt15" (medium); see forward_variant.SOFTCAPS
 
     @property
     def label(self) -> str:
@@ -44,7 +48,7 @@ class Family:
         return f"{self.name} (from {self.script})"
 
 
-SMALL = Family("small", "train_gpt_small.py", 12, (0, 4, 7, 11), 14, True, False, None, "sigmoid30")
+SMALL = Family("small", "train_gpt_small.py", 12, (0, 4, 7, 11), 14, True, False, None, "sigmoid30_width")
 MEDIUM = Family("medium", "train_gpt_medium.py", 16, (0, 4, 11, 15), 27, False, True,
                 {9: 6, 10: 4, 11: 2}, "rsqrt15")
 FAMILIES = {f.name: f for f in (SMALL, MEDIUM)}
@@ -67,11 +71,14 @@ def window_blocks_at(family: Family, step: int | None, num_iterations: int | Non
 
 # Horizontal whitespace only and bounded digits: ``\s*`` at every line start is quadratic on a
 # long run of blank lines, and a digit run past Python's int limit would raise.
-_NUM_ITERATIONS = re.compile(r"^[ \t]*num_iterations[ \t]*(?::[ \t]*int[ \t]*)?=[ \t]*(\d{1,12})\b", re.MULTILINE)
+# train_gpt.py of 2025-02-02 (2680eb4e .. fd409b43) names it train_steps, and its schedule reads args.train_steps.
+_NUM_ITERATIONS = re.compile(r"^[ \t]*(?:num_iterations|train_steps)[ \t]*(?::[ \t]*int[ \t]*)?=[ \t]*(\d{1,12})\b",
+                             re.MULTILINE)
 
 
 def num_iterations_from_code(code: str | None) -> int | None:
-    """The training script's ``num_iterations`` (carried in the checkpoint's ``code``)."""
+    """The training script's ``num_iterations`` (``train_steps`` in some upstream versions), as the
+    checkpoint's ``code`` states it."""
     if not isinstance(code, str):
         return None
     match = _NUM_ITERATIONS.search(code)
@@ -107,9 +114,34 @@ class GPTConfig:
     window_source: str = ""  # why these windows: schedule at the step, or family default
     eot_token: int | None = EOT_TOKEN  # attention never crosses this token; None = no documents
     eot_source: str = ""  # where eot_token came from: config, code, default or none
+    # The forward the file was trained with, read from its training code (forward_variant); the
+    # defaults are each family's own, so a converted file written before these fields loads as before.
+    softcap: str = ""  # "" = the family's; else a key of forward_variant.SOFTCAPS
+    attn_scale: float = ATTN_SCALE  # attention logit scale (0.12 both families; 15/head_dim in Feb 2025 small)
+    skip_order: str = "unet"  # small: "unet" (layer i >= L/2 adds layer L-1-i) or "reversed" (adds layer i-L/2)
+    forward_source: str = ""  # where the forward came from: code lines, or "no code: assumed <family>"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def softcap_kind(self) -> str:
+        """The soft-cap this model applies (the family's unless the config names another)."""
+        return self.softcap or self.family_spec.softcap
+
+    def forward_problem(self) -> str:
+        """Why this config's forward parameters are not a forward the models reproduce ("" if they are)."""
+        if self.family not in FAMILIES:
+            return f"family {self.family!r} is not one of {sorted(FAMILIES)}"
+        allowed = FAMILY_SOFTCAPS[self.family]
+        if self.softcap_kind not in allowed:
+            return f"soft-cap {self.softcap!r} is not one a {self.family} model takes ({', '.join(allowed)})"
+        if self.skip_order not in SKIP_ORDERS[self.family]:
+            return f"skip order {self.skip_order!r} is not one a {self.family} model takes"
+        scale = self.attn_scale
+        if type(scale) not in (int, float) or not math.isfinite(scale) or not 0 < scale <= 16:
+            return f"attention scale {scale!r} is not a positive number"
+        return ""
 
     @classmethod
     def from_dict(cls, data: dict) -> "GPTConfig":
@@ -134,6 +166,10 @@ class GPTConfig:
             window_source=record.get("window_source", ""),
             eot_token=record.get("eot_token", EOT_TOKEN),
             eot_source=record.get("eot_token_source", ""),
+            softcap=record.get("softcap", ""),
+            attn_scale=record.get("attn_scale", ATTN_SCALE),
+            skip_order=record.get("skip_order", "unet"),
+            forward_source=record.get("forward_source", ""),
         )
 
     @property

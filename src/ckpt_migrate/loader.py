@@ -54,19 +54,26 @@ class Checkpoint:
         # safe_pickle checked that offset + sum((d - 1) * stride) stays inside the storage.
         return torch.as_strided(flat, stub.shape, stub.stride, stub.storage_offset)
 
-    def materialize(self, obj: Any, depth: int = 0) -> Any:
-        """A copy of ``obj`` with every TensorStub a tensor (containers to a bounded depth)."""
-        if isinstance(obj, TensorStub):
-            return self.tensor(obj)
-        if depth >= 32:
-            return obj
-        if isinstance(obj, dict):
-            return {k: self.materialize(v, depth + 1) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [self.materialize(v, depth + 1) for v in obj]
-        if isinstance(obj, tuple):
-            return tuple(self.materialize(v, depth + 1) for v in obj)
-        return obj
+    def materialize(self, obj: Any) -> Any:
+        """A copy of ``obj`` with every TensorStub a tensor. A container the pickle shares is
+        copied once and stays shared (as torch.load returns it), so a pickle that nests one list
+        at every level costs its size, not its number of paths."""
+        copies: dict[int, Any] = {}
+
+        def copy(value: Any, depth: int) -> Any:
+            if isinstance(value, TensorStub):
+                return self.tensor(value)
+            if depth >= 32 or not isinstance(value, (dict, list, tuple)):
+                return value
+            if id(value) not in copies:
+                if isinstance(value, dict):
+                    copies[id(value)] = {k: copy(v, depth + 1) for k, v in value.items()}
+                else:
+                    items = [copy(v, depth + 1) for v in value]
+                    copies[id(value)] = items if isinstance(value, list) else tuple(items)
+            return copies[id(value)]
+
+        return copy(obj, 0)
 
 
 def open_checkpoint(path: str, limits: ReaderLimits = DEFAULT_LIMITS) -> Checkpoint:

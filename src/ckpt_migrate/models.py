@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .families import (
+    ATTN_SCALE,
     HEAD_DIM,
     RESIDUAL_PAIR_INIT,
     VALUE_PAIR_INIT,
@@ -36,7 +37,6 @@ from .families import (
     ScalarLayout,
 )
 
-ATTN_SCALE = 0.12  # both scripts replace head_dim ** -0.5 by this constant
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -99,12 +99,12 @@ def math_mask(input_ids: torch.Tensor, eot_token: int | None, window_blocks: int
     return MathMask(dense_mask(input_ids, eot_token, window_blocks))
 
 
-def math_attention(q, k, v, allowed) -> torch.Tensor:
+def math_attention(q, k, v, allowed, scale: float = ATTN_SCALE) -> torch.Tensor:
     """softmax(q kᵀ · scale | mask) v over (B, H, T, hd), scores and softmax in fp32: what eager
     flex attention computes, without its tracing machinery (dynamo and inductor, which flex
     imports and runs on every call: ~0.45x a full-size file's weights in host memory on a GPU
     host, and seconds of start-up)."""
-    scores = (q @ k.transpose(-2, -1)).float().mul_(ATTN_SCALE)  # (B, H, T, T)
+    scores = (q @ k.transpose(-2, -1)).float().mul_(scale)  # (B, H, T, T)
     scores.masked_fill_(~allowed, float("-inf"))  # every row keeps its own position
     return torch.softmax(scores, dim=-1).to(v.dtype) @ v  # (B, H, T, hd)
 
@@ -115,38 +115,42 @@ def math_attention(q, k, v, allowed) -> torch.Tensor:
 SPLIT_HEADS_SCORE_BYTES = 64 << 20
 
 
-def attend(q, k, v, mask) -> torch.Tensor:
-    """Attention over (B, H, T, hd): sdpa for a dense boolean mask, :func:`math_attention` for a
-    :class:`MathMask`, eager flex attention for a flex BlockMask."""
+def attend(q, k, v, mask, scale: float = ATTN_SCALE) -> torch.Tensor:
+    """Attention over (B, H, T, hd) with logits scaled by ``scale``: sdpa for a dense boolean mask,
+    :func:`math_attention` for a :class:`MathMask`, eager flex attention for a flex BlockMask."""
     if isinstance(mask, torch.Tensor):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ATTN_SCALE)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     B, H, T, _ = q.shape
     if q.device.type == "cpu" and H > 1 and B * H * T * T * 4 > SPLIT_HEADS_SCORE_BYTES:
         # Heads are independent and share the mask: one at a time gives the same numbers with a
         # sixth of the memory, and is faster on the CPU too.
-        return torch.cat([attend(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], mask) for h in range(H)], dim=1)
+        return torch.cat([attend(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], mask, scale) for h in range(H)], dim=1)
     if isinstance(mask, MathMask):
-        return math_attention(q, k, v, mask.allowed)
+        return math_attention(q, k, v, mask.allowed, scale)
     import warnings
 
     from torch.nn.attention.flex_attention import flex_attention
 
     with warnings.catch_warnings():  # eager flex warns that it is unfused; that is intended here
         warnings.simplefilter("ignore", UserWarning)
-        return flex_attention(q, k, v, block_mask=mask, scale=ATTN_SCALE)
+        return flex_attention(q, k, v, block_mask=mask, scale=scale)
 
 
 # How each attention implementation takes the mask rule (see attend).
 MASK_BUILDERS = {"sdpa": dense_mask, "math": math_mask, "flex": flex_block_mask}
 
 
-def softcap(z: torch.Tensor, family: Family, model_dim: int) -> torch.Tensor:
-    """The family's logit soft-cap (``Family.softcap``), applied to fp32 logits."""
-    if family.softcap == "sigmoid30":
+def softcap(z: torch.Tensor, family: Family, model_dim: int, kind: str = "") -> torch.Tensor:
+    """A logit soft-cap applied to fp32 logits: ``kind`` (``GPTConfig.softcap_kind``), else the
+    family's own (``Family.softcap``). See ``forward_variant.SOFTCAPS`` for the upstream commits."""
+    kind = kind or family.softcap
+    if kind == "sigmoid30_width":  # small v1/v2: 30·sigmoid(z / (7.5·√D))
         return 30 * torch.sigmoid(z / (7.5 * model_dim**0.5))
-    if family.softcap == "rsqrt15":
+    if kind == "sigmoid30_fixed":  # train_gpt.py 2025-02-01 .. 02-09: 30·sigmoid(z / 7.5)
+        return 30 * torch.sigmoid(z / 7.5)
+    if kind == "rsqrt15":  # medium: 15·z / √(z² + 225)
         return 15 * z * torch.rsqrt(z.square() + 225)
-    raise ValueError(f"unknown soft-cap {family.softcap!r} of family {family.name!r}")
+    raise ValueError(f"unknown soft-cap {kind!r} (family {family.name!r})")
 
 
 def _uniform(*shape: int, device=None) -> nn.Parameter:
@@ -162,9 +166,9 @@ def _zeros(cfg: GPTConfig, device) -> torch.Tensor:
 class Attention(nn.Module):
     """Attention shared by both layouts; subclasses say where q, k, v and out live."""
 
-    def __init__(self, num_heads: int, head_dim: int, norm_v: bool):
+    def __init__(self, num_heads: int, head_dim: int, norm_v: bool, scale: float = ATTN_SCALE):
         super().__init__()
-        self.num_heads, self.head_dim, self.norm_v = num_heads, head_dim, norm_v
+        self.num_heads, self.head_dim, self.norm_v, self.scale = num_heads, head_dim, norm_v, scale
 
     def qkv_weight(self) -> torch.Tensor:  # (3 * hdim, D)
         raise NotImplementedError
@@ -180,7 +184,7 @@ class Attention(nn.Module):
         if self.norm_v:
             v = norm(v)
         v = sa_lambdas[0] * v + sa_lambdas[1] * ve.view_as(v) if ve is not None else sa_lambdas[0] * v
-        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # (B, H, T, hd)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, hdim)
         return F.linear(y, self.out_weight().to(x.dtype))  # (B, T, D)
 
@@ -188,8 +192,8 @@ class Attention(nn.Module):
 class SmallAttention(Attention):
     """train_gpt_small.py's attention: ``qkv_w`` [3, hdim, D] and ``c_proj.weight`` [D, hdim]."""
 
-    def __init__(self, dim: int, num_heads: int, separate_lambdas: bool, device=None):
-        super().__init__(num_heads, HEAD_DIM, norm_v=False)
+    def __init__(self, dim: int, num_heads: int, separate_lambdas: bool, device=None, scale: float = ATTN_SCALE):
+        super().__init__(num_heads, HEAD_DIM, norm_v=False, scale=scale)
         hdim = num_heads * HEAD_DIM
         self.qkv_w = _uniform(3, hdim, dim, device=device)
         self.c_proj = nn.Linear(hdim, dim, bias=False, device=device)
@@ -206,8 +210,9 @@ class SmallAttention(Attention):
 class PackedAttention(Attention):
     """train_gpt_medium.py's (and GPTBatched's) attention: ``qkvo_w`` [4, hdim, D], slot 3 = out."""
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int, norm_v: bool, device=None):
-        super().__init__(num_heads, head_dim, norm_v)
+    def __init__(self, dim: int, num_heads: int, head_dim: int, norm_v: bool, device=None,
+                 scale: float = ATTN_SCALE):
+        super().__init__(num_heads, head_dim, norm_v, scale)
         self.qkvo_w = _uniform(4, num_heads * head_dim, dim, device=device)
 
     def qkv_weight(self):
@@ -269,6 +274,9 @@ class _GPT(nn.Module):
         super().__init__()
         if attention not in MASK_BUILDERS:
             raise ValueError(f"attention must be one of {sorted(MASK_BUILDERS)}, not {attention!r}")
+        problem = cfg.forward_problem()
+        if problem:
+            raise ValueError(f"cannot build this model: {problem}")
         self.cfg = cfg
         self.attention = attention
         # Activations' dtype; None = the embeddings' (upstream: bf16 embeddings, bf16 activations).
@@ -299,7 +307,7 @@ class _GPT(nn.Module):
         """Final-normed hidden states [..., D] -> fp32 soft-capped logits [..., padded_vocab]; row by
         row, so a check can take them a few rows at a time instead of materializing [B, T, V]."""
         z = F.linear(hidden, self.head_weight().to(hidden.dtype)).float()  # (..., padded_vocab)
-        return softcap(z, self.cfg.family_spec, self.cfg.model_dim)
+        return softcap(z, self.cfg.family_spec, self.cfg.model_dim, self.cfg.softcap_kind)
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, T] token ids -> final-normed hidden states [B, T, D] (everything but the head)."""
@@ -315,9 +323,13 @@ class _GPT(nn.Module):
         x = x0 = norm(self.embed(input_ids).to(dtype))  # (B, T, D)
         outputs: list[torch.Tensor] = []
         skip_map = cfg.family_spec.skip_map  # None: small's U-net; else medium's layer -> earlier layer
+        reversed_skips = cfg.skip_order == "reversed"
         for i, block in enumerate(self.blocks):
-            if skip_map is None and i >= L // 2:  # small: U-net, layer i reads layer L-1-i
-                x = x + skip_w[i - L // 2] * outputs[L - 1 - i]
+            if skip_map is None and i >= L // 2:
+                # small: U-net, layer i reads layer L-1-i; or, reversed (train_gpt.py 2025-02-01 .. 02-02,
+                # skip_connections.reverse() before the first pop), layer i reads layer i - L/2
+                source = i - L // 2 if reversed_skips else L - 1 - i
+                x = x + skip_w[i - L // 2] * outputs[source]
             elif skip_map is not None and i in skip_map:
                 x = x + skip_w[skip_map[i]] * outputs[skip_map[i]]
             idx = cfg.value_embed_index(i)
@@ -338,7 +350,8 @@ class GPTFlexAttention(_GPT):
         self.variant = variant
         v1 = variant == "v1"
         self.blocks = nn.ModuleList(
-            Block(SmallAttention(cfg.model_dim, cfg.num_heads, v1, device) if i in cfg.attn_layers else None,
+            Block(SmallAttention(cfg.model_dim, cfg.num_heads, v1, device, scale=cfg.attn_scale)
+                  if i in cfg.attn_layers else None,
                   SmallMLP(cfg.model_dim, cfg.mlp_dim, device), norm_attn_input=True, separate_lambdas=v1,
                   device=device)
             for i in range(cfg.num_layers))
@@ -373,7 +386,8 @@ class GPTBatched(_GPT):
         super().__init__(cfg, attention, device)
         spec = cfg.family_spec
         self.blocks = nn.ModuleList(
-            Block(PackedAttention(cfg.model_dim, cfg.num_heads, cfg.head_dim, spec.norm_v, device)
+            Block(PackedAttention(cfg.model_dim, cfg.num_heads, cfg.head_dim, spec.norm_v, device,
+                                  scale=cfg.attn_scale)
                   if i in cfg.attn_layers else None,
                   PackedMLP(cfg.model_dim, cfg.mlp_dim, device), norm_attn_input=spec.norm_attn_input)
             for i in range(cfg.num_layers))

@@ -40,19 +40,25 @@ def named(value: Any, *names: str) -> bool:
     return isinstance(value, GlobalRef) and str(value) in names
 
 
-def check_no_records(value: Any, what: str, depth: int = 0) -> None:
-    """``value`` holds no ``__main__`` instance, whose methods would run when ``what`` uses it."""
-    if is_main_record(value):
-        raise UnsafePickleError(f"{what} would be given a {value.cls} instance (its methods would run)")
-    if depth > 20:
-        return
-    if isinstance(value, (list, tuple, set, frozenset)):
-        for item in value:
-            check_no_records(item, what, depth + 1)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            check_no_records(key, what, depth + 1)
-            check_no_records(item, what, depth + 1)
+def check_no_records(value: Any, what: str) -> None:
+    """``value`` holds no ``__main__`` instance, whose methods would run when ``what`` uses it.
+
+    Each container is visited once: a pickle can share one list at every level (by memo), and
+    a walk that followed every path would take exponential time."""
+    seen: set[int] = set()
+    pending = [value]
+    while pending:
+        v = pending.pop()
+        if is_main_record(v):
+            raise UnsafePickleError(f"{what} would be given a {v.cls} instance (its methods would run)")
+        if id(v) in seen or not isinstance(v, (list, tuple, set, frozenset, dict)):
+            continue
+        seen.add(id(v))
+        if isinstance(v, dict):
+            pending.extend(v.keys())
+            pending.extend(v.values())
+        else:
+            pending.extend(v)
 
 
 def _iterable(value: Any, what: str) -> list | tuple | set | frozenset | dict:
@@ -149,6 +155,8 @@ def _bytes(m, args: tuple) -> bytes:
     (data,) = _args(args, "builtins.bytes", 0, 1) or (b"",)
     if isinstance(data, bytes):
         return data
+    if type(data) is int and 0 <= data <= m.limits.max_pickle_bytes:  # bytes(4): four zero bytes
+        return bytes(data)
     if isinstance(data, (list, tuple)) and all(type(i) is int and 0 <= i < 256 for i in data):
         return bytes(data)
     raise UnreadableError("bytes built from something that is not bytes")
@@ -479,7 +487,26 @@ def new_instance(m, cls: GlobalRef, args: tuple) -> Any:
         return m.record(name) if _NEW_EMPTY[name] is None else _NEW_EMPTY[name]()
     if name in ("collections.OrderedDict", "collections.Counter", "collections.defaultdict") and not args:
         return CALLS[name](m, ())
+    if name in _NEW_BUILDS or name in TENSOR_CLASSES:
+        return CALLS[name](m, args)
     raise UnsafePickleError(f"NEWOBJ creates {name}")
+
+
+# Immutable values whose __new__ builds them from its arguments as calling the class would.
+_NEW_BUILDS = {"torch.Size", "builtins.complex", "builtins.bytes", "builtins.frozenset"}
+_TENSOR_TYPES = ("Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool")
+# Tensor and storage classes torch's weights-only loader also lets a pickle call or create
+# (torch.FloatTensor([1.0, 2.0]), torch.storage.UntypedStorage(4)): a tensor made from plain
+# values, kept as a record; it is never a model weight.
+TENSOR_CLASSES = ({f"{module}.{t}Tensor" for module in ("torch", "torch.cuda", "torch.sparse", "torch.cuda.sparse")
+                   for t in _TENSOR_TYPES} | {"torch.Tensor", "torch.storage.UntypedStorage"})
+
+
+def _tensor_record(name: str) -> Callable:
+    def build(m, args: tuple) -> PickledObject:
+        check_no_records(args, name)  # the constructor iterates and converts its arguments
+        return m.record(name, args)
+    return build
 
 
 def _numpy_names(name: str) -> list[str]:
@@ -528,9 +555,9 @@ CALLS: dict[str, Callable[[Any, tuple], Any]] = {
     "numpy.random.mtrand.__RandomState_ctor": _legacy_randomstate_ctor,
     "numpy.random.bit_generator.__pyx_unpickle_SeedSequence": _seed_sequence,
     **{name: _stdlib_record(name) for name in STDLIB_RECORDS},
+    **{name: _tensor_record(name) for name in TENSOR_CLASSES},
 }
 
-_TENSOR_TYPES = ("Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool")
 VALUES: set[str] = (
     {f"torch.{name}" for name in (*DTYPE_ITEMSIZE, *TORCH_DTYPE_ALIASES)}
     | {f"torch.{name}" for name in ("quint8", "qint8", "qint32", "quint4x2", "quint2x4", "complex32", "bits8",
@@ -538,11 +565,9 @@ VALUES: set[str] = (
                                     *(f"uint{i}" for i in range(1, 8)), *(f"int{i}" for i in range(1, 8)))}
     | {f"{module}.{name}" for module in ("torch", "torch.storage") for name in STORAGE_DTYPES}
     | {"torch.storage.TypedStorage"}
-    | {f"{module}.{t}Tensor" for module in ("torch", "torch.cuda", "torch.sparse", "torch.cuda.sparse")
-       for t in _TENSOR_TYPES}
     | {f"torch.{q}" for q in ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine",
                               "per_channel_symmetric", "per_channel_affine_float_qparams")}
-    | {"torch.Tensor", "numpy.ndarray", "numpy.random.bit_generator.SeedSequence"}
+    | {"numpy.ndarray", "numpy.random.bit_generator.SeedSequence"}
     | NUMPY_BIT_GENERATORS | set(_NEW_EMPTY) | _FACTORIES | {"builtins.bytes"}
 )
 

@@ -120,7 +120,8 @@ class PickleMachine:
         self.storages: dict[str, StorageStub] = {}
         self.objects: set[str] = set()
         self.protocol = 0
-        self.end = 0  # offset just past STOP
+        self.end = 0  # where the file stands after STOP: past the frame that holds it
+        self.stop_at = 0  # offset just past STOP (where a reader that peeks its buffer stands)
         self._objects = self._items = 0
 
     # -- bookkeeping the allow-list's handlers use
@@ -246,6 +247,7 @@ class PickleMachine:
                     handler(self)
         except _Stop as stop:
             self.end = self._input.stream  # where the file stands: the next pickle of a legacy file
+            self.stop_at = self._input.position
             return stop.value
         except (UnreadableError, UnsafePickleError):
             raise
@@ -343,7 +345,7 @@ class PickleMachine:
             return LegacyRef(pid if isinstance(pid, (int, str)) else "storage")
         # torch.save writes ('storage', storage_type, key, location, numel).
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise UnreadableError(f"unexpected persistent id {one_line(repr(pid), 60)} (torch.load cannot read it)")
+            raise UnreadableError(f"unexpected persistent id {one_line(pid, 60)} (torch.load cannot read it)")
         _, storage_type, key, location, numel = pid
         if not (isinstance(storage_type, GlobalRef) and storage_type.name in STORAGE_DTYPES):
             raise UnreadableError(f"unknown storage type {one_line(storage_type, 60)}")

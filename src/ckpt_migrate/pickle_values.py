@@ -59,10 +59,29 @@ class UnreadableError(Exception):
 
 
 def one_line(text: Any, limit: int = 200) -> str:
-    """A reason fit for a report cell: printable, one line, at most ``limit`` characters."""
-    text = "".join(ch if ch.isprintable() else " " for ch in str(text))
+    """A reason fit for a report cell: printable, one line, at most ``limit`` characters.
+
+    A value read from a pickle is named by :func:`describe`, never printed whole."""
+    text = text if isinstance(text, (str, BaseException)) else describe(text)
+    text = "".join(ch if ch.isprintable() else " " for ch in str(text)[: limit * 4])
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(value: Any) -> str:
+    """A short name for a value read from a pickle. Never its repr: containers a pickle shares
+    by memo print to exponentially many characters, and a huge int refuses to print."""
+    if value is None or isinstance(value, (bool, float, GlobalRef)):
+        return str(value)
+    if isinstance(value, int):
+        return str(value) if value.bit_length() <= 64 else f"an integer of {value.bit_length()} bits"
+    if isinstance(value, str):
+        return repr(value[:80])
+    if isinstance(value, PickledObject):
+        return f"a {value.cls} instance"
+    if isinstance(value, (tuple, list, dict, set, frozenset, bytes, bytearray)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    return f"a {type(value).__name__}"
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ REPORT_COLUMNS = (
     "model_dim", "num_heads", "vocab_size", "padded_vocab", "params", "size_bytes", "mtime", "status",
     "converted_path", "converted_sha256", *CHECK_FIELDS, "direct_load_ok",
     "long_window_blocks", "window_source", "eot_token", "eot_token_source", "num_iterations", "num_iterations_source",
-    "notes", "pickle_objects", "realpath",
+    "forward_source", "notes", "pickle_objects", "realpath",
 )
 NEEDS_A_PERSON = ("failed", "unknown", "unsafe", "unreadable")
 _RUN_DIR = re.compile(r"^(?P<lang>.+?)_owt_run_(?P<run>[^/]+)$")
@@ -877,15 +877,16 @@ def verify_outputs(output_root: str, recheck: bool = False, settings: dict | Non
                                 f"this one is {current} (rerun the pipeline to reconvert)")
                 continue
             if recheck:
-                from .check import CheckSettings
+                from .check_settings import CheckSettings
                 from .conversion import CheckpointError, check_file
+                from .convert import ConversionError
 
                 # The source is the one our own record names, not a path read from the converted file.
                 source = (os.fsdecode(bytes.fromhex(record["source_path_hex"])) if record.get("source_path_hex")
                           else record.get("source"))
                 try:
                     result = check_file(path, CheckSettings(**(settings or {})), source=source)
-                except CheckpointError as exc:
+                except (CheckpointError, ConversionError) as exc:  # a weight now non-finite, say
                     problems.append(f"recheck failed: {path}: {exc}")
                     continue
                 if not result["check_passed"]:

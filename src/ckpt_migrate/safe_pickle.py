@@ -96,11 +96,12 @@ def _archive_layout(f, file_size: int, limits: ReaderLimits) -> dict[str, zipfil
     try:
         archive = zipfile.ZipFile(f)
         infos = archive.infolist()
-        declared_start = zipfile._EndRecData(f)[zipfile._ECD_OFFSET]
+        end_record = zipfile._EndRecData(f)
     except (zipfile.BadZipFile, EOFError, ValueError, OSError, NotImplementedError, TypeError) as exc:
         raise UnreadableError(f"damaged or truncated zip archive: {one_line(exc, 120)}") from None
-    if archive.start_dir != declared_start:
+    if archive.start_dir != end_record[zipfile._ECD_OFFSET]:
         raise UnreadableError("bytes before the zip archive, or two archives in one file (torch refuses it)")
+    _check_zip64_locator(f, end_record)
     if len(infos) > limits.max_entries:
         raise UnreadableError(f"zip archive with {len(infos)} entries")
     if not infos:
@@ -118,8 +119,8 @@ def _archive_layout(f, file_size: int, limits: ReaderLimits) -> dict[str, zipfil
         raise UnreadableError(f"ambiguous archive: data.pkl is not in the folder of the first entry ({folder})")
     if f"{folder}data.pkl" not in names:
         raise UnreadableError("zip archive without data.pkl (not a torch.save file)")
-    if len(set(names)) != len(names):
-        raise UnreadableError("ambiguous archive: duplicate entry names")
+    if len({n.lower() for n in names}) != len(names):  # torch's zip reader may match names either way
+        raise UnreadableError("ambiguous archive: duplicate entry names (or names that differ only in case)")
     entries = {}
     for info in infos:
         rel = info.filename[len(folder):] if info.filename.startswith(folder) else None
@@ -134,6 +135,25 @@ def _archive_layout(f, file_size: int, limits: ReaderLimits) -> dict[str, zipfil
     if "version" not in entries and ".data/version" not in entries:
         raise UnreadableError("zip archive without a version record (torch refuses it)")
     return entries
+
+
+def _check_zip64_locator(f, end_record: list) -> None:
+    """Refuse a zip64 locator that torch's reader would follow elsewhere than Python's zipfile.
+
+    Both find the locator in the 20 bytes before the end record; torch then reads the zip64
+    record at the offset the locator gives, zipfile right before the locator. A locator hidden
+    in the last entry's comment can so show each reader a different central directory."""
+    location = end_record[zipfile._ECD_LOCATION]
+    if location < 20:
+        return
+    f.seek(location - 20)
+    locator = f.read(20)
+    if locator[:4] != b"PK\x06\x07":
+        return
+    record_offset = struct.unpack("<8xQ4x", locator)[0] if len(locator) == 20 else -1
+    if end_record[zipfile._ECD_SIGNATURE] != b"PK\x06\x06" or record_offset != location - 20 - 56:
+        raise UnreadableError("ambiguous archive: a zip64 locator that readers follow to different central "
+                              "directories")
 
 
 def _entry_bytes(f, info: zipfile.ZipInfo, file_size: int, limit: int) -> bytes:
@@ -159,8 +179,44 @@ def _entry_bytes(f, info: zipfile.ZipInfo, file_size: int, limit: int) -> bytes:
     return data
 
 
+def _name_calls_in_local_pickles(f, file_size: int, limits: ReaderLimits, deadline: float) -> None:
+    """Read every ``data.pkl`` a local header in the file holds, for a call to name.
+
+    For an archive refused as ambiguous or damaged: torch's zip reader may find another
+    central directory than Python's zipfile, and its data.pkl is one of these."""
+    try:
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return
+    try:
+        position = data.find(b"PK\x03\x04")
+        for _ in range(limits.max_entries):
+            if position < 0 or position + 30 > file_size:
+                return
+            method, size, _, name_len, extra_len = struct.unpack("<4xH8xIIHH", data[position + 4:position + 30])
+            start = position + 30 + name_len + extra_len
+            name = bytes(data[position + 30:position + 30 + name_len])
+            if name.endswith(b"data.pkl") and method in (0, 8) and 0 < size <= limits.max_pickle_bytes:
+                pickle_bytes = bytes(data[start:start + size])
+                if method == 8:
+                    pickle_bytes = zlib.decompressobj(-15).decompress(pickle_bytes, limits.max_pickle_bytes)
+                try:
+                    PickleMachine(pickle_bytes, limits, deadline, persistent="zip").run()
+                except UnreadableError:
+                    pass
+            position = data.find(b"PK\x03\x04", position + 4)
+    except zlib.error:
+        return
+    finally:
+        data.close()
+
+
 def _inspect_zip(f, file_size: int, limits: ReaderLimits, deadline: float) -> ArchiveInspection:
-    entries = _archive_layout(f, file_size, limits)
+    try:
+        entries = _archive_layout(f, file_size, limits)
+    except UnreadableError:
+        _name_calls_in_local_pickles(f, file_size, limits, deadline)
+        raise
     if "byteorder" in entries and _entry_bytes(f, entries["byteorder"], file_size, 64).strip() not in (b"", b"little"):
         raise UnreadableError("big-endian archive (byteorder is not little)")
     data = _entry_bytes(f, entries["data.pkl"], file_size, limits.max_pickle_bytes)
@@ -188,7 +244,29 @@ def _next(data, limits: ReaderLimits, deadline: float, start: int,
     """The pickle that starts at ``start``, and where the next one starts."""
     machine = PickleMachine(data, limits, deadline, persistent=persistent)
     value = machine.run(start)
+    if machine.stop_at != machine.end:
+        # torch reads the next pickle from the open file: right after STOP when the frame sat in
+        # the file's read buffer, after the whole frame when it did not. Read on from both.
+        _name_any_call_from([machine.stop_at, machine.end], data, limits, deadline)
+        raise UnreadableError(f"damaged framing: STOP at byte {machine.stop_at - 1} inside a frame (where the next "
+                              f"pickle starts depends on the reader's buffer)")
     return value, machine.end
+
+
+def _name_any_call_from(starts: list[int], data, limits: ReaderLimits, deadline: float) -> None:
+    """Read every pickle that follows each of ``starts``, one after another, for a call to name."""
+    seen: set[int] = set()
+    while starts and len(seen) < limits.max_pickles:
+        start = starts.pop()
+        if start in seen or start >= len(data):
+            continue
+        seen.add(start)
+        machine = PickleMachine(data, limits, deadline, persistent="legacy")
+        try:
+            machine.run(start)
+        except UnreadableError:
+            continue
+        starts.extend({machine.stop_at, machine.end})
 
 
 def _inspect_stream(data, limits: ReaderLimits, deadline: float) -> None:
@@ -210,10 +288,12 @@ def _inspect_stream(data, limits: ReaderLimits, deadline: float) -> None:
 def _inspect_tar(tar: tarfile.TarFile, limits: ReaderLimits, deadline: float) -> None:
     """The oldest torch.save format: every pickle of its members is read, in torch's order."""
     def member(name: str) -> bytes:
-        info = tar.getmember(name)
-        if not info.isfile() or info.size > limits.max_pickle_bytes:
+        # As torch reads it: through a hard or symbolic link to another member.
+        stream = tar.extractfile(name)
+        data = stream.read(limits.max_pickle_bytes + 1) if stream is not None else b""
+        if stream is None or len(data) > limits.max_pickle_bytes:
             raise UnreadableError(f"tar member {name} is not a file of at most {limits.max_pickle_bytes} bytes")
-        return tar.extractfile(info).read()
+        return data
 
     try:
         storages, tensors, pickle_member = member("storages"), member("tensors"), member("pickle")

@@ -23,6 +23,161 @@ def create_blockmasks(self, input_seq, sliding_window_num_blocks):
 """
 
 
+# Upstream-shaped training code per forward: the lines that decide the forward, spelled as the
+# upstream script of each version spells them (written out here for the tests, not copied: only
+# the deciding lines, in the places they take in upstream's classes). The reader
+# (ckpt_migrate.forward_variant) is held to these, and the models to what each one computes.
+# name -> (family, softcap line, attention-scale assignment or "", scale= argument, reverse the skips)
+FORWARDS = {
+    # train_gpt.py at 378c4e30 (2025-05-25), and 2025-02-17 .. 05-25: small v1
+    "small_v1": ("small", "logits = 30 * torch.sigmoid(logits / (7.5 * x.size(-1)**0.5))", "", "0.12", False),
+    # train_gpt.py at 345b2fb9 (2025-07-14): small v2 (packed scalars)
+    "small_v2": ("small", "logits = 30 * torch.sigmoid(logits / (7.5 * x.size(-1)**0.5))",
+                 "self.attn_scale = 0.12", "self.attn_scale", False),
+    # train_gpt.py at 27b4138b .. 370211a0 (2025-02-01 .. 02-02): soft-cap / 7.5, skips taken in reverse
+    "small_2025_02_01": ("small", "logits = 30 * torch.sigmoid(logits.float() / 7.5)", "self.attn_scale = 0.12",
+                         "self.attn_scale", True),
+    # train_gpt.py 2025-02-02 .. 02-09 (13156aa7 .. 7cfe441a): soft-cap / 7.5
+    "small_2025_02_02": ("small", "logits = 30 * torch.sigmoid(logits.float() / 7.5)", "self.attn_scale = 0.12",
+                         "self.attn_scale", False),
+    # train_gpt.py at fd6f6af0 (2025-02-09): soft-cap / 7.5, attention scale 15 / head_dim
+    "small_2025_02_09": ("small", "logits = 30 * torch.sigmoid(logits / 7.5)", "self.attn_scale = 15/head_dim",
+                         "self.attn_scale", False),
+    # train_gpt.py at 85a0a520 (2025-02-10): v1's soft-cap, attention scale 15 / head_dim
+    "small_2025_02_10": ("small", "logits = 30 * torch.sigmoid(logits / (7.5 * x.size(-1)**0.5))", "",
+                         "15/self.head_dim", False),
+    # train_gpt_medium.py at 06743860 (2025-05-25)
+    "medium": ("medium", "", "self.attn_scale = 0.12", "self.attn_scale", False),
+}
+
+_ROTARY = """class Rotary(nn.Module):
+    def __init__(self, dim: int, max_seq_len: int):
+        super().__init__()
+        angular_freq = (1 / 1024) ** torch.linspace(0, 1, steps=dim//4, dtype=torch.float32) # base 1024
+        angular_freq = torch.cat([angular_freq, angular_freq.new_zeros(dim//4)])
+        t = torch.arange(max_seq_len, dtype=torch.float32)
+        theta = torch.einsum("i,j -> ij", t, angular_freq)
+"""
+
+
+def training_code(forward: str, num_iterations: int = 1000, eot_token: int = 50256) -> str:
+    """The training-script text a checkpoint of ``forward`` (a key of :data:`FORWARDS`) carries."""
+    family, softcap_line, scale_assign, scale_arg, reverse = FORWARDS[forward]
+    packed = forward in ("small_v2", "medium")
+    lam = "" if packed else "self."
+    attn_input = "x" if family == "medium" else "norm(x)"
+    if family == "medium":
+        attn_call = "x = x + self.attn(x, ve, block_mask, sa_lambdas)"
+    elif packed:
+        attn_call = "x = x + self.attn(norm(x), ve, sa_lambdas, block_mask)"
+    else:
+        attn_call = f"x = x + self.attn({attn_input}, ve, block_mask)"
+    long_layers = (0, 4, 11, 15) if family == "medium" else (0, 4, 7, 11)
+    masks = ", ".join("long_bm" if i in long_layers else "short_bm" for i in range(16 if family == "medium" else 12))
+    if family == "medium":
+        skips = """        skip_connections = []
+        skip_map = {
+            9: 6,
+            10: 4,
+            11: 2,
+        }
+        skip_weights = self.scalars[:len(self.blocks)]
+        lambdas = self.scalars[1 * len(self.blocks): 3 * len(self.blocks)].view(-1, 2)
+        sa_lambdas = self.scalars[3 * len(self.blocks): 5 * len(self.blocks)].view(-1, 2)
+        for i in range(len(self.blocks)):
+            if i in skip_map:
+                x = x + skip_weights[skip_map[i]] * skip_connections[skip_map[i]]
+            x = self.blocks[i](x, ve[i], x0, block_masks[i], lambdas[i], sa_lambdas[i])
+            skip_connections.append(x)
+        x = norm(x)
+        logits = F.linear(x.flatten(end_dim=1), self.lm_head_w.bfloat16()).float()
+        loss = F.cross_entropy(15 * logits * torch.rsqrt(logits.square() + 225), target_seq)
+"""
+        schedule = """    factor = 4 * x ** 3 - 6 * x ** 2 + 3 * x # cubic
+    window_size = next_multiple_of_n(3456 * factor, n=128)
+"""
+    else:
+        weights = "skip_weights" if packed else "self.skip_weights"
+        head = ("        skip_weights = self.scalars[:(len(self.blocks) // 2)]\n"
+                "        lambdas = self.scalars[1 * len(self.blocks): 3 * len(self.blocks)].view(-1, 2)\n"
+                "        sa_lambdas = self.scalars[3 * len(self.blocks): 5 * len(self.blocks)].view(-1, 2)\n"
+                "        n = len(self.blocks) // 2\n") if packed else "        n = len(self.skip_weights)\n"
+        call = ("x = self.blocks[i](x, ve[i], x0, lambdas[i], sa_lambdas[i], block_masks[i])" if packed
+                else "x = self.blocks[i](x, ve[i], x0, block_masks[i])")
+        reverse_lines = ("                if i == n:\n                    skip_connections.reverse()\n"
+                         if reverse else "")
+        skips = f"""        skip_connections = []
+{head}        for i in range(len(self.blocks)):
+            if i >= n:
+{reverse_lines}                x = x + {weights}[i - n] * skip_connections.pop()
+            {call}
+            if i < n:
+                skip_connections.append(x)
+        x = norm(x)
+        logits = self.lm_head(x)
+        {softcap_line}
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), target_seq)
+"""
+        schedule = "    window_size = next_multiple_of_n(1728 * x, n=128)\n"
+    return f"""# train_gpt_{family}.py: synthetic stand-in ({forward}), the forward's lines in upstream's spelling
+class Hyperparameters:
+    num_iterations = {num_iterations} # number of iterations to run
+
+def norm(x: Tensor):
+    return F.rms_norm(x, (x.size(-1),))
+
+{_ROTARY}
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, max_seq_len: int, head_dim=128):
+        super().__init__()
+        self.head_dim = head_dim
+        {scale_assign}
+
+    def forward(self, x: Tensor, ve: Tensor | None, block_mask: BlockMask, lambdas: Tensor):
+        q, k = norm(q), norm(k) # QK norm
+        q, k = self.rotary(q), self.rotary(k)
+{"        v = norm(v)" + chr(10) if family == "medium" else ""}        if ve is not None:
+            v = {lam if not packed else ""}lambdas[0] * v + {lam if not packed else ""}lambdas[1] * ve.view_as(v)
+        else:
+            v = {lam if not packed else ""}lambdas[0] * v
+        y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale={scale_arg}).transpose(1, 2)
+
+class MLP(nn.Module):
+    def forward(self, x: Tensor):
+        x = self.c_fc(x)
+        x = F.relu(x).square() # relu squared
+        return self.c_proj(x)
+
+class Block(nn.Module):
+    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, block_mask: BlockMask):
+        x = {lam}lambdas[0] * x + {lam}lambdas[1] * x0
+        if self.attn is not None:
+            {attn_call}
+        x = x + self.mlp(norm(x))
+        return x
+
+class GPT(nn.Module):
+    def create_blockmasks(self, input_seq: Tensor, sliding_window_num_blocks: Tensor):
+        docs = (input_seq == {eot_token}).cumsum(0)
+
+        def build_bm(window_size_blocks: Tensor) -> BlockMask:
+            return BlockMask.from_kv_blocks(...)
+        return build_bm(sliding_window_num_blocks), build_bm(sliding_window_num_blocks // 2)
+
+    def forward(self, input_seq: Tensor, target_seq: Tensor, sliding_window_num_blocks: Tensor):
+        ve = [value_embed(input_seq) for value_embed in self.value_embeds]
+        ve = [ve[0], ve[1], ve[2]] + [None] * (len(self.blocks) - 6) + [ve[0], ve[1], ve[2]]
+        long_bm, short_bm = self.create_blockmasks(input_seq, sliding_window_num_blocks)
+        block_masks = [{masks}]
+        x = x0 = norm(self.embed(input_seq)[None])
+{skips}        return loss
+
+def get_window_size_blocks(step: int):
+    x = step / args.num_iterations # progress in training
+{schedule}    return get_window_size_blocks_helper(window_size)
+"""
+
+
 def _pad128(n: int) -> int:
     return -(-n // 128) * 128
 
@@ -101,11 +256,17 @@ def optimizer_states(state_dict: dict[str, torch.Tensor]) -> list[dict]:
 
 
 def upstream_checkpoint(state_dict: dict[str, torch.Tensor], family: str, step: int = 1000,
-                        num_iterations: int = 1000, optimizers: bool = True, eot_token: int = 50256) -> dict:
-    """``dict(step, code, model, optimizers)`` with the torch.compile ``_orig_mod.`` prefix."""
+                        num_iterations: int = 1000, optimizers: bool = True, eot_token: int = 50256,
+                        forward: str | None = None) -> dict:
+    """``dict(step, code, model, optimizers)`` with the torch.compile ``_orig_mod.`` prefix.
+
+    ``code`` is a stand-in without model lines, or, with ``forward`` (a key of :data:`FORWARDS`),
+    the lines of that upstream version that decide the forward (:func:`training_code`)."""
+    code = (training_code(forward, num_iterations, eot_token) if forward else
+            TRAINING_CODE.format(family=family, num_iterations=num_iterations, eot_token=eot_token))
     return {
         "step": step,
-        "code": TRAINING_CODE.format(family=family, num_iterations=num_iterations, eot_token=eot_token),
+        "code": code,
         "model": {f"_orig_mod.{k}": v for k, v in state_dict.items()},
         "optimizers": optimizer_states(state_dict) if optimizers else [],
     }
