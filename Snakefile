@@ -26,8 +26,12 @@ rule all:
         LAYOUT.figures.values(),
 
 
+onstart:
+    start_run()
+
+
 onsuccess:
-    print_summary()
+    finish_run()
 
 
 onerror:

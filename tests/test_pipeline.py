@@ -7,6 +7,7 @@ import shutil
 import stat
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -15,7 +16,7 @@ import torch
 from ckpt_migrate import load_pretrained_checkpoint, synthetic
 from ckpt_migrate.pipeline import read_report
 
-from .builders import build_tree, medium_checkpoint, small_checkpoint
+from .builders import altered_small_checkpoint, build_tree, medium_checkpoint, small_checkpoint
 from .conftest import VOCAB
 from .pipeline_helpers import REPO, SNAKEMAKE, job_counts, make_read_only, make_writable, snakemake, tree_state
 
@@ -367,3 +368,103 @@ def test_check_settings_on_the_command_line(tmp_path):
     flat = snakemake(str(tmp_path / "tree"), str(tmp_path / "out"), "-n", config={"check_length": 1024})
     assert flat.returncode != 0
     assert "config keys check_length are now under check:" in flat.stdout + flat.stderr
+
+
+def _replace_keeping_times(path, new, how: str) -> None:
+    """Put the bytes of ``new`` at ``path`` with its size and mtime kept, as each tool does it."""
+    st = os.stat(path)
+    staged = path.parent / f".{how}.tmp"
+    shutil.copyfile(new, staged)
+    os.utime(staged, ns=(st.st_atime_ns, st.st_mtime_ns))
+    if how == "mv":  # mv of a file prepared elsewhere: a new inode, the old mtime
+        os.rename(staged, path)
+    elif how == "cp -p":  # cp -p onto the file: the same inode rewritten, then its times set
+        shutil.copyfile(staged, path)
+        shutil.copystat(staged, path)
+        staged.unlink()
+    elif how == "rsync -a":  # rsync -a: a temporary beside it with the times, renamed over it
+        shutil.copy2(staged, path.parent / ".rsync.tmp")
+        os.replace(path.parent / ".rsync.tmp", path)
+        staged.unlink()
+    else:  # rewritten in place, then touch -r restores the times
+        with open(path, "r+b") as f:
+            f.write(new.read_bytes())
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        staged.unlink()
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def test_files_replaced_with_their_mtime_kept_are_reconverted_and_a_future_file_holds_nothing_back(tmp_path):
+    """Issue 21: what mv, cp -p, rsync -a and touch -r keep (size, mtime) does not hide a new
+    model; a file modified in the future is its own unreadable row, and the rest converts."""
+    root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
+    ways = ("mv", "cp -p", "rsync -a", "touch -r")
+    paths = [altered_small_checkpoint(root / f"eng_spa_owt_run_{i}/best_state_100.pt", seed=i, optimizers=False)
+             for i in range(len(ways))]
+    future = small_checkpoint(root / "hin_urd_owt_run_9/best_state_100.pt", seed=9)
+    os.utime(future, (time.time() + 86400, time.time() + 86400))
+    proc = snakemake(str(root), str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["relative_path"]: r for r in read_report(str(out / "report.csv"))}
+    assert rows["hin_urd_owt_run_9/best_state_100.pt"]["status"] == "unreadable"
+    assert "modified in the future" in rows["hin_urd_owt_run_9/best_state_100.pt"]["reason"]
+    assert all(rows[os.path.relpath(p, root)]["status"] == "converted" for p in paths)
+
+    for i, how in enumerate(ways):
+        # The same pickle, so the same size, with other weights.
+        new = altered_small_checkpoint(tmp_path / f"new_{i}/best_state_100.pt", seed=i, optimizers=False,
+                                       mutate=lambda sd: next(iter(sd.values())).mul_(-1))
+        _replace_keeping_times(root / os.path.relpath(paths[i], root), Path(new), how)
+    cli = os.path.join(os.path.dirname(SNAKEMAKE), "ckpt-migrate")
+    check = subprocess.run([cli, "verify-outputs", str(out)], capture_output=True, text=True)
+    assert check.returncode != 0 and check.stdout.count("source changed") + check.stderr.count("source changed") == 4
+    proc = snakemake(str(root), str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts.get("plan") == 1 and counts.get("convert") == 4, counts
+    ids = torch.randint(0, VOCAB, (1, 64), generator=torch.Generator().manual_seed(0))
+    for i in range(len(ways)):
+        rel = os.path.relpath(paths[i], root)
+        converted, _, _ = load_pretrained_checkpoint(str(out / "converted" / rel))
+        replacement, _, _ = load_pretrained_checkpoint(str(tmp_path / f"new_{i}/best_state_100.pt"))
+        with torch.no_grad():
+            assert torch.equal(converted(ids), replacement(ids)), ways[i]
+    assert "Nothing to be done" in snakemake(str(root), str(out), "-n").stdout
+
+
+@pytest.mark.e2e
+def test_links_out_of_the_tree_are_not_read_and_no_cell_is_a_formula(tmp_path):
+    """Issue 21: a match that resolves outside input_root is a row, never opened (follow_links
+    false); with follow_links it is read like any file, and no output quotes its bytes. A run
+    folder named like a formula gives cells a spreadsheet shows as text."""
+    root, out, elsewhere = tmp_path / "clean_bbpe_50k", tmp_path / "out", tmp_path / "elsewhere"
+    formula = "=SUM(1+2)_owt_run_1"
+    altered_small_checkpoint(root / formula / "best_state_100.pt", seed=1, optimizers=False)
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("SECRET-LINE of a private file\n")
+    outside_ckpt = altered_small_checkpoint(elsewhere / "run/best_state_100.pt", seed=2, optimizers=False)
+    for run, target in (("eng_spa_owt_run_2", elsewhere / "notes.txt"), ("eng_spa_owt_run_3", outside_ckpt)):
+        (root / run).mkdir()
+        (root / run / "best_state_100.pt").symlink_to(target)
+
+    def outputs_hold(text: bytes) -> list:
+        return [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs
+                if text in open(os.path.join(d, f), "rb").read()]
+
+    proc = snakemake(str(root), str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["relative_path"]: r for r in read_report(str(out / "report.csv"))}
+    for run in ("eng_spa_owt_run_2", "eng_spa_owt_run_3"):
+        row = rows[f"{run}/best_state_100.pt"]
+        assert row["status"] == "unreadable" and "outside input_root: not read" in row["reason"], row
+    assert outputs_hold(b"SECRET") == []
+    cells = (out / "report.csv").read_text()
+    assert f"'{formula}/best_state_100.pt" in cells and f",{formula}" not in cells
+    assert rows[f"'{formula}/best_state_100.pt"]["status"] == "converted"
+
+    proc = snakemake(str(root), str(out), config={"follow_links": "True"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["relative_path"]: r for r in read_report(str(out / "report.csv"))}
+    assert rows["eng_spa_owt_run_3/best_state_100.pt"]["status"] == "converted"
+    assert rows["eng_spa_owt_run_2/best_state_100.pt"]["status"] == "unreadable"
+    assert outputs_hold(b"SECRET") == [] and outputs_hold(b"ECRET-LINE") == []

@@ -23,7 +23,7 @@ from ckpt_migrate.check import CheckSettings
 from ckpt_migrate.conversion import convert_file
 from ckpt_migrate.pipeline import read_report, verify_outputs
 
-from .builders import Call, ImportedConfig, OverridingDict, TrainConfig
+from .builders import Call, ImportedConfig, OverridingDict, TrainConfig, altered_small_checkpoint
 from .conftest import VOCAB
 from .pipeline_helpers import REPO, SNAKEMAKE, job_counts, make_read_only, make_writable, snakemake, tree_state
 
@@ -663,8 +663,8 @@ def test_a_file_replaced_after_the_plan_is_not_converted_under_its_old_manifest(
     sources = pipeline.checkpoint_sources(str(root), "*_owt_run_*/best_state_*.pt")
     pipeline.detect_and_plan(sources, {k: os.path.relpath(p, root) for k, p in sources.items()}, layout)
     (first_batch,) = pipeline.read_batches(layout.plan)
-    small_checkpoint(path, "v2", seed=2)  # replaced: other bytes, other size
-    os.utime(path, (time.time() + 5, time.time() + 5))
+    small_checkpoint(path, "v2", seed=2)  # replaced: other bytes, other size, an older mtime
+    os.utime(path, (time.time() - 60, time.time() - 60))
     pipeline.run_batch(layout, first_batch, settings, None, layout.batch(first_batch))
     record = pipeline.read_yaml(layout.staged("eng_spa_owt_run_0/best_state_100"))
     assert record["status"] == "failed" and "changed after the plan detected it" in record["reason"]
@@ -704,3 +704,86 @@ def test_a_lost_converted_file_is_named_and_converted_again_as_verify_outputs_sa
     os.unlink(layout.check(key))
     assert plan_run_publish() != first and os.path.isfile(layout.converted(key))
     assert verify_outputs(layout.root) == (1, [])
+
+
+def _written_paths(out, key: str) -> list:
+    """Every path a run writes for checkpoint ``key``, and the run's own files."""
+    return [out / p for p in ("plan.tsv", "report.csv", "logs/plan.log", f"manifests/{key}.yaml",
+                              f"staged/{key}.yaml", f"staged/{key}.log", f"checks/{key}.yaml",
+                              f"logs/convert/{key}.log", f"attempts/{key}.yaml", f"converted/{key}.pt")]
+
+
+@pytest.mark.e2e
+def test_links_planted_where_the_pipeline_writes_are_replaced_never_written_through(tmp_path):
+    """Issue 21: a symlink or a hard link to a file elsewhere, at every path a run writes, is
+    replaced by the run's own file (the file it names is unchanged); a hard link to a checkpoint
+    of the tree, or any link where Snakemake writes a benchmark, stops the run at once, naming it."""
+    root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
+    for i in range(2):
+        altered_small_checkpoint(root / f"eng_spa_owt_run_{i}/best_state_100.pt", seed=i, optimizers=False)
+    assert snakemake(str(root), str(out)).returncode == 0
+    decoys = tmp_path / "elsewhere"
+    decoys.mkdir()
+    planted = {}
+    for i, kind in enumerate(("symlink", "hard link")):
+        for n, path in enumerate(_written_paths(out, f"eng_spa_owt_run_{i}/best_state_100")):
+            if path in planted:
+                continue  # the run's own files: planted once
+            decoy = decoys / f"{kind}_{n}"
+            decoy.write_text("not yours\n")
+            path.unlink(missing_ok=True)
+            (path.symlink_to if kind == "symlink" else path.hardlink_to)(decoy)
+            planted[path] = decoy
+    proc = snakemake(str(root), str(out), "--forceall")  # every job again: every path written
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(decoy.read_text() == "not yours\n" for decoy in planted.values())
+    assert all(not path.is_symlink() and path.stat().st_nlink == 1 for path in planted)
+    rows = {r["relative_path"]: r for r in read_report(str(out / "report.csv"))}
+    assert [r["status"] for r in rows.values()] == ["converted", "converted"]
+
+    # A hard link to a checkpoint of the tree, where a run writes: the run stops before any job.
+    source = root / "eng_spa_owt_run_0/best_state_100.pt"
+    before = source.read_bytes()
+    log = out / "logs/convert/eng_spa_owt_run_0/best_state_100.log"
+    log.unlink()
+    log.hardlink_to(source)
+    proc = snakemake(str(root), str(out), "--forcerun", "plan")
+    assert proc.returncode != 0 and f"{log} is a hard link to {source}" in proc.stdout + proc.stderr
+    assert source.read_bytes() == before
+    log.unlink()
+    benchmark = out / "benchmarks/plan.tsv"
+    benchmark.unlink()
+    benchmark.symlink_to(decoys / "symlink_0")
+    proc = snakemake(str(root), str(out), "--forcerun", "plan")
+    assert proc.returncode != 0 and f"{benchmark} is a link" in proc.stdout + proc.stderr
+    assert (decoys / "symlink_0").read_text() == "not yours\n"
+
+
+@pytest.mark.e2e
+def test_a_run_on_an_output_folder_in_use_refuses_and_a_stale_lock_is_taken_over(tmp_path):
+    """Issue 21: two checkouts on one output_root (Snakemake's own lock lives in each checkout):
+    the second refuses with one line naming the holder, writing nothing; a lock whose run is
+    gone is taken over, and temporaries that killed jobs left are removed."""
+    import json
+    import socket
+
+    root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
+    altered_small_checkpoint(root / "eng_spa_owt_run_1/best_state_100.pt", seed=1, optimizers=False)
+    out.mkdir()
+    lock = out / ".run.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": "a while"}))
+    proc = snakemake(str(root), str(out))
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if "is in use by another run" in line]
+    assert proc.returncode != 0 and len(said) == 1 and f"pid {os.getpid()}" in said[0], proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == [".run.lock"]  # nothing written
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid, "since": "yesterday"}))
+    leftover = out / "converted/eng_spa_owt_run_1/.best_state_100.pt.tmp-k1ll3d"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"\0" * 4096)
+    proc = snakemake(str(root), str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not lock.exists() and not leftover.exists()
+    assert read_report(str(out / "report.csv"))[0]["status"] == "converted"

@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, TextIO
 
 
 class PendingFile:
@@ -23,6 +24,7 @@ class PendingFile:
         self.path = path
         self.folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(self.folder, exist_ok=True)
+        refuse_special_destination(path)
         _remove_stale_temporaries(path)
         fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=self.folder)
         try:
@@ -45,6 +47,7 @@ class PendingFile:
         return writer.hexdigest(), writer.size
 
     def commit(self) -> None:
+        refuse_special_destination(self.path)
         os.replace(self.tmp, self.path)
         _fsync_dir(self.folder)
 
@@ -68,6 +71,46 @@ def atomic_open(path: str) -> Iterator[BinaryIO]:
         raise
 
 
+class DestinationError(OSError):
+    """A path to write that holds something other than a regular file (a device, a folder)."""
+
+
+def refuse_special_destination(path: str) -> None:
+    """Raise DestinationError if ``path`` is there and neither a regular file nor a symlink (a
+    file or link there is replaced, never written through; ``/dev/null`` is not replaced)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise DestinationError(f"{path} is {kind}: refusing to replace it (name a new file to write)")
+
+
+def open_log(path: str, append: bool = False) -> TextIO:
+    """``path`` opened to write a log (text, line-buffered), never through a link.
+
+    A symlink, or a hard link (another name for a file elsewhere: a checkpoint, say), at
+    ``path`` is removed first, so that the log is a new file of its own; anything else there that
+    is not a regular file is refused by name. A log is appended to (``append``) only while it is
+    a plain file of its own; otherwise it is started afresh."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    refuse_special_destination(path)
+    if st is not None and (not append or stat.S_ISLNK(st.st_mode) or st.st_nlink > 1):
+        os.unlink(path)  # the link goes, never what it names
+    fd = os.open(path, flags | (os.O_APPEND if append else os.O_EXCL), 0o666)
+    if os.fstat(fd).st_nlink > 1:  # linked meanwhile: nothing is written yet
+        os.close(fd)
+        os.unlink(path)
+        fd = os.open(path, flags | os.O_EXCL, 0o666)
+    return os.fdopen(fd, "a" if append else "w", buffering=1, encoding="utf-8")
+
+
 def current_umask() -> int:
     """The process umask, read without changing it (Linux /proc), else by setting it back."""
     try:
@@ -89,6 +132,26 @@ def _remove_stale_temporaries(path: str) -> None:
             if entry.startswith(prefix):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(folder, entry))
+
+
+def remove_temporaries(root: str, folders: tuple[str, ...]) -> int:
+    """Remove the temporaries (``.<name>.tmp-*``) that writers killed in earlier runs left in
+    ``root`` and its ``folders``; for a run that holds ``root`` and has no job running yet.
+    Returns how many were removed."""
+    removed = 0
+    pending = [root] + [os.path.join(root, name) for name in folders]
+    while pending:
+        folder = pending.pop()
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(folder):
+                if entry.is_dir(follow_symlinks=False):
+                    if folder != root:
+                        pending.append(entry.path)
+                elif entry.name.startswith(".") and ".tmp-" in entry.name:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+                        removed += 1
+    return removed
 
 
 def _fsync_dir(folder: str) -> None:

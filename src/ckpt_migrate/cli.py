@@ -224,7 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as exc:  # bad input (a damaged record, a missing folder): one line, never a traceback
+        if args.verbose:
+            raise
+        from .pickle_values import one_line
+
+        print(f"error: {one_line(f'{type(exc).__name__}: {exc}', 300)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

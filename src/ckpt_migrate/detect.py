@@ -106,6 +106,8 @@ class ManifestRecord(TypedDict, total=False):
     detector_fingerprint: str
     overrides: dict  # eot_token / num_iterations as the run's config stated them
     detected_on: dict  # host, SLURM job
+    source_identity: dict  # size, mtime_ns, ctime_ns, inode when detected (pipeline.file_identity)
+    not_read_because: str  # why the file was not opened (a link out of the tree, a future mtime), or ""
 
 
 def strip_prefixes(key: str) -> str:

@@ -243,7 +243,7 @@ class PickleMachine:
                     code = self._input.read(1)
                     handler = DISPATCH.get(code[0])
                     if handler is None:
-                        raise UnreadableError(f"invalid opcode {code!r} at byte {self._input.position - 1}")
+                        raise UnreadableError(f"invalid opcode 0x{code[0]:02x} at byte {self._input.position - 1}")
                     handler(self)
         except _Stop as stop:
             self.end = self._input.stream  # where the file stands: the next pickle of a legacy file
@@ -258,7 +258,9 @@ class PickleMachine:
         except MemoryError:
             raise  # the caller's budget ran out: it names the budget (isolate.detect_isolated)
         except Exception as exc:  # anything else the bytes provoke is a damaged file
-            raise UnreadableError(f"damaged pickle: {type(exc).__name__}: {one_line(exc, 120)}") from None
+            # The type and place only: the message of int(), float() or a decoder quotes the
+            # file's own bytes, and a reason never does.
+            raise UnreadableError(f"damaged pickle: {type(exc).__name__} at byte {self._input.position}") from None
 
     # -- helpers for the handlers
     def push(self, value: Any) -> None:

@@ -11,6 +11,7 @@ fingerprint, the run's settings) and redoes only the rest.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -18,13 +19,15 @@ import json
 import logging
 import os
 import re
+import stat
 import sys
+import time
 from typing import Any, Iterable
 
 import yaml
 
 from . import __version__
-from .atomic import atomic_write_text, sha256_file
+from .atomic import atomic_write_text, open_log, sha256_file
 from .detect import ManifestRecord
 from .isolate import DEFAULT_MEMORY_MB, DEFAULT_SECONDS, detect_isolated, display_path
 from .metrics import CHECK_FIELDS
@@ -55,8 +58,7 @@ _RUN_DIR = re.compile(r"^(?P<lang>.+?)_owt_run_(?P<run>[^/]+)$")
 
 def job_logging(log_path: str) -> None:
     """Send this job's stderr and log records to its Snakemake log file."""
-    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-    sys.stderr = open(log_path, "a", buffering=1, encoding="utf-8")
+    sys.stderr = open_log(log_path, append=True)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -80,8 +82,15 @@ _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def read_yaml(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return yaml.load(f, Loader=_YAML_LOADER) or {}
+    """A record this pipeline wrote; yaml.YAMLError if the file is damaged or holds no mapping."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = yaml.load(f, Loader=_YAML_LOADER) or {}
+    except UnicodeDecodeError as exc:
+        raise yaml.YAMLError(f"{display_path(path)} is not UTF-8 text ({exc.reason})") from None
+    if not isinstance(value, dict):
+        raise yaml.YAMLError(f"{display_path(path)} holds no record (a {type(value).__name__}, not a mapping)")
+    return value
 
 
 def _yaml_text(value: Any) -> Any:
@@ -178,11 +187,12 @@ OUTPUT_FOLDERS = ("manifests", "checks", "converted", "staged", "attempts", "bat
                   "benchmarks")
 
 
-def placement_problem(input_root: str, output_root: str) -> str:
+def placement_problem(input_root: str, output_root: str, sources: Iterable[str] = ()) -> str:
     """Why writing to ``output_root`` could write into the tree at ``input_root`` ("" if it cannot):
     output_root inside the tree, the tree inside one of the folders the pipeline writes (a
-    converted file's path mirrors its source's), or a link into the tree among or below those
-    folders. Links are resolved: the real places count."""
+    converted file's path mirrors its source's), a link into the tree among or below those
+    folders, or a hard link to one of ``sources`` (the matched checkpoints) anywhere there.
+    Links are resolved: the real places count."""
     tree, out = os.path.realpath(os.path.expanduser(input_root)), os.path.realpath(os.path.expanduser(output_root))
     if os.path.commonpath([out, tree]) == tree:
         return (f"output_root {out} is inside input_root {tree}: the checkpoint tree is only ever read "
@@ -192,10 +202,21 @@ def placement_problem(input_root: str, output_root: str) -> str:
         if os.path.commonpath([tree, folder]) == folder:
             return (f"input_root {tree} is inside {folder}, where the pipeline writes: "
                     f"its outputs could land on the checkpoints (set output_root elsewhere)")
-    return _link_into_tree(tree, out)
+    return _link_into_tree(tree, out, _file_ids(sources))
 
 
-def _link_into_tree(tree: str, out: str) -> str:
+def _file_ids(paths: Iterable[str]) -> dict[tuple[int, int], str]:
+    """(device, inode) -> path of every regular file among ``paths`` (in this one process, the
+    device number is a fair name for the filesystem)."""
+    ids = {}
+    for path in paths:
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            ids[(st.st_dev, st.st_ino)] = path
+    return ids
+
+
+def _link_into_tree(tree: str, out: str, tree_files: dict[tuple[int, int], str]) -> str:
     """The first link into the tree that is one of the written folders (``converted`` made a link
     to the tree) or lies below one (``converted/<run>`` → a run directory, planted after a first
     run): what is written through it would land in the tree. The pipeline makes no links, so
@@ -203,23 +224,56 @@ def _link_into_tree(tree: str, out: str) -> str:
     def into_tree(path: str) -> bool:
         return os.path.commonpath([tree, os.path.realpath(path)]) == tree
 
+    with contextlib.suppress(OSError):  # the files at the top (plan.tsv, report.csv, ...)
+        for entry in os.scandir(out):
+            problem = _entry_problem(entry, tree, tree_files, into_tree)
+            if problem:
+                return problem
     pending = []
     for name in OUTPUT_FOLDERS:
         top = os.path.join(out, name)  # may be a link elsewhere (a bigger disk): then walked there
         if os.path.islink(top) and into_tree(top):
             return _link_problem(top, tree)
         pending.append(top)
+    benchmarks = os.path.join(out, "benchmarks")
     while pending:
+        folder = pending.pop()
         try:
-            entries = list(os.scandir(pending.pop()))
+            entries = list(os.scandir(folder))
         except OSError:  # not there (yet), or not a folder: nothing below it
             continue
         for entry in entries:  # links below the top are checked, not followed
-            if entry.is_symlink():
-                if into_tree(entry.path):
-                    return _link_problem(entry.path, tree)
-            elif entry.is_dir(follow_symlinks=False):
+            if entry.is_dir(follow_symlinks=False):
                 pending.append(entry.path)
+                continue
+            problem = _entry_problem(entry, tree, tree_files, into_tree)
+            if not problem and os.path.commonpath([benchmarks, folder]) == benchmarks:
+                problem = _benchmark_link_problem(entry)
+            if problem:
+                return problem
+    return ""
+
+
+def _benchmark_link_problem(entry: os.DirEntry) -> str:
+    """Snakemake writes its benchmark tables itself, through whatever link is there: any link
+    among them is named (the pipeline's own files replace a link instead)."""
+    with contextlib.suppress(OSError):
+        if entry.is_symlink() or entry.stat(follow_symlinks=False).st_nlink > 1:
+            return (f"{display_path(entry.path)} is a link (Snakemake would write its benchmark into the file "
+                    f"it names): remove it")
+    return ""
+
+
+def _entry_problem(entry: os.DirEntry, tree: str, tree_files: dict[tuple[int, int], str], into_tree) -> str:
+    """A symlink into the tree, or a hard link to a checkpoint of it (a file written there would
+    be written into that checkpoint)."""
+    if entry.is_symlink():
+        return _link_problem(entry.path, tree) if into_tree(entry.path) else ""
+    with contextlib.suppress(OSError):
+        st = entry.stat(follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and (st.st_dev, st.st_ino) in tree_files:
+            return (f"{display_path(entry.path)} is a hard link to {display_path(tree_files[(st.st_dev, st.st_ino)])}: "
+                    f"the pipeline writes there, and the checkpoint tree is only ever read (remove the link)")
     return ""
 
 
@@ -278,15 +332,27 @@ def checkpoint_sources(input_root: str, pattern: str) -> dict[str, str]:
 
 
 def write_manifest(src: str, relative_path: str, manifest_path: str, seconds: float = DEFAULT_SECONDS,
-                   memory_mb: int = DEFAULT_MEMORY_MB, overrides: dict | None = None) -> ManifestRecord:
-    """Detect the format of ``src`` (in a child, within budget) and write its manifest.
+                   memory_mb: int = DEFAULT_MEMORY_MB, overrides: dict | None = None,
+                   not_read_because: str = "") -> ManifestRecord:
+    """Detect the format of ``src`` (in a child, within budget) and write its manifest; with
+    ``not_read_because``, the file is not opened and is unreadable for that reason.
 
     Bad files give a manifest, not an error; the record holds only plain values (it went
     through JSON), so it always serializes."""
     from .fingerprint import detector_fingerprint
 
-    record = detect_isolated(src, seconds, memory_mb, overrides)
-    record = {**record, "relative_path": display_path(relative_path), "detector_version": __version__,
+    identity = file_identity(src)  # before reading: a file replaced meanwhile is detected again
+    if not not_read_because and identity is not None and identity["mtime_ns"] > time.time_ns() + FUTURE_SLACK_NS:
+        not_read_because = (f"modified in the future ({iso_utc(identity['mtime_ns'] / 1e9)}; the clock of whatever "
+                            f"wrote it is ahead): Snakemake cannot order it; fix the time (touch the file) and rerun")
+    if not_read_because:
+        from .detect import record_from_inspection
+        from .safe_pickle import ArchiveInspection
+
+        record = record_from_inspection(src, ArchiveInspection("unreadable", not_read_because), overrides)
+    else:
+        record = detect_isolated(src, seconds, memory_mb, overrides)
+    record = {**record, "source_identity": identity, "not_read_because": not_read_because, "relative_path": display_path(relative_path), "detector_version": __version__,
               "detector_fingerprint": detector_fingerprint(), "overrides": dict(overrides or {}),
               "detected_on": job_environment()}
     write_yaml(manifest_path, record)
@@ -295,23 +361,51 @@ def write_manifest(src: str, relative_path: str, manifest_path: str, seconds: fl
     return record
 
 
+def link_outside(path: str, input_root: str) -> str:
+    """Why ``path`` is not read: it resolves outside ``input_root`` through a symlink ("" if not)."""
+    tree, real = os.path.realpath(input_root), os.path.realpath(path)
+    if os.path.commonpath([tree, real]) == tree:
+        return ""
+    return (f"a link to {display_path(real)}, outside input_root: not read (set follow_links: true to read "
+            f"links that leave the tree)")
+
+
 def _still_current(manifest_path: str, identity: dict) -> ManifestRecord | None:
-    """The manifest, if it describes the file as ``identity`` says it is now (size, mtime, detector, overrides)."""
+    """The manifest, if it describes the file as ``identity`` says it is now (file identity, detector, overrides)."""
     try:
         record = read_yaml(manifest_path)
     except (OSError, yaml.YAMLError):
         return None
-    recorded = {"size": record.get("size_bytes"), "mtime": record.get("mtime"),
-                "detector": record.get("detector_fingerprint"), "overrides": record.get("overrides")}
+    recorded = {"file": record.get("source_identity"), "detector": record.get("detector_fingerprint"),
+                "overrides": record.get("overrides"), "outside": record.get("not_read_because")}
     return record if all(recorded[k] == identity[k] for k in recorded) else None
 
 
-def _file_identity(path: str) -> dict:
+# A file modified further ahead than this is "in the future" (Snakemake refuses to order it).
+FUTURE_SLACK_NS = 2 * 10**9
+
+
+def file_identity(path: str) -> dict | None:
+    """What tells a file from a replacement: size, mtime, ctime and inode; None if it cannot be
+    stat'ed. ``mv``, ``cp -p``, ``rsync -a`` and ``touch -r`` keep size and mtime, never the
+    ctime of the file they leave (nor, but for ``mv`` and ``touch``, its inode). Not the device
+    number: a shared filesystem shows other ones on other login nodes."""
     try:
         st = os.stat(path)
-        return {"size": st.st_size, "mtime": st.st_mtime}
     except OSError:
-        return {"size": None, "mtime": None}
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+
+
+def source_identities(sources: dict[str, str]) -> dict[str, list]:
+    """{key: identity as a list} for the plan's params: Snakemake reruns the plan when any
+    changes, whether or not a file's mtime is newer than the plan's."""
+    return {key: list((file_identity(path) or {}).values()) for key, path in sources.items()}
+
+
+def is_from_the_future(path: str) -> bool:
+    identity = file_identity(path)
+    return identity is not None and identity["mtime_ns"] > time.time_ns() + FUTURE_SLACK_NS
 
 
 def _mtime_ns(path: str) -> int | None:
@@ -334,16 +428,16 @@ def _read_index(path: str) -> dict:
 def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], layout: OutputLayout,
                     seconds: float = DEFAULT_SECONDS, memory_mb: int = DEFAULT_MEMORY_MB,
                     overrides: dict | None = None,
-                    conversions_per_job: int = DEFAULT_CONVERSIONS_PER_JOB) -> list[str]:
+                    conversions_per_job: int = DEFAULT_CONVERSIONS_PER_JOB, input_root: str | None = None,
+                    follow_links: bool = True) -> list[str]:
     """Detect every checkpoint whose manifest is missing or stale, in this one process, and write the plan.
 
-    A manifest is reused when its file's size and mtime, the detector and the overrides are
-    unchanged, so a rerun detects only what is new or changed. Each small file is put in a
+    A manifest is reused when its file's identity (:func:`file_identity`), the detector and
+    the overrides are unchanged, so a rerun detects only what is new or changed. Each small file is put in a
     conversion batch: the one it was in if the file is unchanged (so its finished conversion
     stands), else a new batch of up to ``conversions_per_job`` new, changed or unrecorded files.
+    Unless ``follow_links``, a match that resolves outside ``input_root`` is never opened.
     Returns the keys to convert."""
-    import time
-
     from .fingerprint import detector_fingerprint
 
     overrides = dict(overrides or {})
@@ -354,15 +448,17 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
     unbatched: list[str] = []
     for key in sorted(sources):
         manifest_path = layout.manifest(key)
-        identity = {**_file_identity(sources[key]), "detector": detector, "overrides": overrides,
-                    "manifest_ns": _mtime_ns(manifest_path)}
+        outside = "" if follow_links or input_root is None else link_outside(sources[key], input_root)
+        identity = {"file": file_identity(sources[key]), "detector": detector, "overrides": overrides,
+                    "outside": outside, "manifest_ns": _mtime_ns(manifest_path)}
         entry = index.get(key) or {}
         if entry.get("manifest_ns") is not None and {k: entry.get(k) for k in identity} == identity:
             status = entry["status"]  # unchanged file and manifest: not even the YAML is read
         else:
             record = _still_current(manifest_path, identity)
             if record is None:
-                record = write_manifest(sources[key], relative_paths[key], manifest_path, seconds, memory_mb, overrides)
+                record = write_manifest(sources[key], relative_paths[key], manifest_path, seconds, memory_mb, overrides,
+                                        outside)
                 detected += 1
             status = record.get("status", "unknown")
             identity["manifest_ns"] = _mtime_ns(manifest_path)
@@ -370,7 +466,7 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
         if status == "to_convert":
             # A file keeps its batch while it is unchanged and its record is there; one whose
             # record was deleted (to retry it) or never written gets a new batch.
-            same_file = all(entry.get(k) == identity[k] for k in ("size", "mtime"))
+            same_file = entry.get("file") == identity["file"]
             if same_file and entry.get("batch") and os.path.exists(layout.check(key)):
                 new_index[key]["batch"] = entry["batch"]
             else:
@@ -382,7 +478,7 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
         # batches; the files' staged records are part of it, so that a retried file (its record
         # deleted, its last attempt staged) never lands in the finished batch it was in.
         batch_id = "b" + hashlib.sha256(json.dumps(
-            [[key, new_index[key]["size"], new_index[key]["mtime"], _mtime_ns(layout.staged(key))]
+            [[key, new_index[key]["file"], _mtime_ns(layout.staged(key))]
              for key in members]).encode()).hexdigest()[:12]
         for key in members:
             new_index[key]["batch"] = batch_id
@@ -442,7 +538,7 @@ def run_conversion(src: str, manifest_path: str, converted_path: str, check_path
 
     manifest = read_yaml(manifest_path)
     settings = CheckSettings(**check_settings)
-    identity = _source_identity(src)
+    identity = file_identity(src)
     changed = _changed_since_detection(manifest, src)
     failed = {"source": os.path.abspath(src), "status": "failed", "converter_fingerprint": converter_fingerprint()}
     if changed:
@@ -471,26 +567,22 @@ def run_conversion(src: str, manifest_path: str, converted_path: str, check_path
 
 
 def _changed_since_detection(manifest: dict, src: str) -> str:
-    """How the file differs from what its manifest was detected from, by the plan's own measure
-    (size and mtime); "" if it does not, or if it cannot be read now (the conversion says why)."""
-    now = _file_identity(src)
-    if now["size"] is None:
+    """How the file differs from what its manifest was detected from (:func:`file_identity`);
+    "" if it does not, or if it cannot be read now (the conversion says why)."""
+    return identity_change(manifest.get("source_identity"), file_identity(src))
+
+
+def identity_change(before: dict | None, now: dict | None) -> str:
+    """What differs between two :func:`file_identity` values, in words; "" if nothing (or if
+    the file cannot be stat'ed now: its reader says why)."""
+    if now is None or before == now:
         return ""
-    differences = []
-    if manifest.get("size_bytes") != now["size"]:
-        differences.append(f"{manifest.get('size_bytes')} -> {now['size']} bytes")
-    if manifest.get("mtime") != now["mtime"]:
-        differences.append(f"modified {iso_utc(now['mtime'])}, detected as of {iso_utc(manifest.get('mtime'))}")
-    return ", ".join(differences)
-
-
-def _source_identity(path: str) -> dict | None:
-    """A file's size, mtime and inode, to tell whether it changed since; None if it is missing."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    before = before or {}
+    if before.get("size") != now["size"]:
+        return f"{before.get('size')} -> {now['size']} bytes"
+    if before.get("mtime_ns") != now["mtime_ns"]:
+        return f"modified {iso_utc(now['mtime_ns'] / 1e9)}"
+    return "replaced or rewritten with its size and mtime kept (another inode or ctime)"
 
 
 def standing_conversion(record_path: str, src: str, converted_path: str, check_settings: dict[str, Any],
@@ -504,7 +596,7 @@ def standing_conversion(record_path: str, src: str, converted_path: str, check_s
         record = read_yaml(record_path)
     except (OSError, yaml.YAMLError):
         return None
-    identity = _source_identity(src)
+    identity = file_identity(src)
     stands = (identity is not None and record.get("source_identity") == identity
               and record.get("converter_fingerprint") == converter_fingerprint()
               and record.get("check_settings") == dict(check_settings)
@@ -555,6 +647,7 @@ def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any
         finally:
             logging.getLogger().removeHandler(handler)
             handler.close()
+            handler.stream.close()
         summary["files"].append({"key": key, "status": record["status"], "reused": False,
                                  "started": round(started_at, 3), "seconds": round(time.perf_counter() - started, 3)})
         # Its tensors went with its last reference (no cycles hold them: a gc.collect() per file
@@ -594,7 +687,7 @@ def _given_up(layout: OutputLayout, key: str, src: str, kills: int) -> dict:
               "source": os.path.abspath(src), "status": "failed", "reason": reason,
               "converter_fingerprint": converter_fingerprint(), "converted_on": job_environment()}
     write_yaml(layout.staged(key), record)
-    with open(layout.staged_log(key), "a", encoding="utf-8") as f:
+    with open_log(layout.staged_log(key), append=True) as f:
         f.write(f"{reason}\n")
     log.warning("%s: %s", display_path(src), reason)
     return record
@@ -602,8 +695,7 @@ def _given_up(layout: OutputLayout, key: str, src: str, kills: int) -> dict:
 
 def _file_log(path: str) -> logging.Handler:
     """Log records to ``path`` too (a file's own log, beside the job's), from now until removed."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    handler = logging.StreamHandler(open_log(path))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
@@ -679,7 +771,7 @@ def write_report(layout: OutputLayout) -> list[dict]:
     rows = []
     for key, status in read_plan(layout.plan):
         manifest_path, check_path = layout.manifest(key), layout.check(key)
-        stamp = [_source_identity(manifest_path), _source_identity(check_path) if status == "to_convert" else None]
+        stamp = [file_identity(manifest_path), file_identity(check_path) if status == "to_convert" else None]
         entry = index.get(key)
         if entry is not None and entry.get("stamp") == stamp and stamp[0] is not None:
             row = entry["row"]
@@ -699,8 +791,24 @@ def _write_rows(rows: list[dict], report_path: str) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=REPORT_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: spreadsheet_safe(v) for k, v in row.items()} for row in rows)
     atomic_write_text(report_path, buf.getvalue())
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A cell a spreadsheet shows as text: a string starting with = + - @, tab or carriage return
+    (a run folder named ``=WEBSERVICE(...)_owt_run_1``) gets a leading apostrophe, as OWASP
+    advises; numbers (-0.5) stay numbers."""
+    if not isinstance(value, str) or not value.startswith(_FORMULA_START):
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
 
 
 def report_after_failure(layout: OutputLayout, relative_paths: dict[str, str]) -> list[dict]:
@@ -833,8 +941,13 @@ def _still_writing(row: dict) -> str:
 
 
 def read_report(report_path: str) -> list[dict]:
-    with open(report_path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f))
+    """The rows of a report.csv; ValueError naming the file if it is damaged."""
+    try:
+        with open(report_path, encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{display_path(report_path)} is damaged ({exc}); rerun the pipeline to write it "
+                         f"again") from None
 
 
 def verify_outputs(output_root: str, recheck: bool = False, settings: dict | None = None) -> tuple[int, list[str]]:
@@ -872,6 +985,13 @@ def verify_outputs(output_root: str, recheck: bool = False, settings: dict | Non
                 problems.append(f"changed: {path}: sha256 {digest[:16]}... != recorded {str(record.get('sha256'))[:16]}... "
                                 f"(delete {record_path} and rerun with --forcerun plan to convert it again)")
                 continue
+            source = (os.fsdecode(bytes.fromhex(record["source_path_hex"])) if record.get("source_path_hex")
+                      else str(record.get("source", "")))
+            change = identity_change(record.get("source_identity"), file_identity(source))
+            if change:
+                problems.append(f"source changed: {display_path(source)} no longer matches {path} ({change}; "
+                                f"rerun the pipeline to convert it again)")
+                continue
             if record.get("converter_fingerprint") != current:
                 problems.append(f"outdated: {path} was made by converter {record.get('converter_fingerprint') or '?'}, "
                                 f"this one is {current} (rerun the pipeline to reconvert)")
@@ -882,8 +1002,6 @@ def verify_outputs(output_root: str, recheck: bool = False, settings: dict | Non
                 from .convert import ConversionError
 
                 # The source is the one our own record names, not a path read from the converted file.
-                source = (os.fsdecode(bytes.fromhex(record["source_path_hex"])) if record.get("source_path_hex")
-                          else record.get("source"))
                 try:
                     result = check_file(path, CheckSettings(**(settings or {})), source=source)
                 except (CheckpointError, ConversionError) as exc:  # a weight now non-finite, say

@@ -7,17 +7,22 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from ckpt_migrate import output_lock
+from ckpt_migrate.atomic import remove_temporaries
 from ckpt_migrate.fingerprint import converter_fingerprint, detector_fingerprint
 from ckpt_migrate.pipeline import (
+    OUTPUT_FOLDERS,
     OutputLayout,
     batch_minutes,
     checkpoint_sources,
     glob_problem,
+    is_from_the_future,
     placement_problem,
     read_batches,
     read_plan,
     read_report,
     report_after_failure,
+    source_identities,
     summarize,
 )
 
@@ -64,9 +69,14 @@ if not os.path.isdir(INPUT_ROOT):
         f"(set it in config/config.yaml or with --config input_root=PATH)"
     )
 OUT = config["output_root"]
-for _problem in (placement_problem(INPUT_ROOT, OUT), glob_problem(config["glob"])):
-    if _problem:
-        raise WorkflowError(_problem)
+if glob_problem(config["glob"]):
+    raise WorkflowError(glob_problem(config["glob"]))
+# Everything the glob matches, files or not: a directory, FIFO or broken link that matches is
+# reported as unreadable rather than silently skipped.
+SOURCES = checkpoint_sources(INPUT_ROOT, config["glob"])
+_problem = placement_problem(INPUT_ROOT, OUT, SOURCES.values())
+if _problem:
+    raise WorkflowError(_problem)
 LAYOUT = OutputLayout(OUT)
 # The logit-check settings, as ckpt_migrate.check.CheckSettings takes them.
 CHECK_SETTINGS = lookup(dpath="check", within=config)
@@ -77,9 +87,6 @@ DETECTOR_FINGERPRINT = detector_fingerprint()
 OVERRIDES = {key: config[key] for key in ("eot_token", "num_iterations")}
 
 
-# Everything the glob matches, files or not: a directory, FIFO or broken link that matches is
-# reported as unreadable rather than silently skipped.
-SOURCES = checkpoint_sources(INPUT_ROOT, config["glob"])
 CHECKPOINTS = sorted(SOURCES)
 RELATIVE_PATHS = {
     key: os.path.relpath(path, INPUT_ROOT) for key, path in SOURCES.items()
@@ -98,11 +105,15 @@ NOT_AN_INPUT = re.compile(r"\{\s*[.\w]+|[\x00-\x1f\x7f\udc80-\udcff]")
 
 
 def detect_inputs():
-    """Every match that is a file Snakemake can carry as an input, so that a new or replaced
-    checkpoint (newer mtime) reruns the plan. Other matches (folders, FIFOs, broken links, odd
-    names) are in the plan's params: a change in the list of matches reruns it too."""
+    """Every match that is a file Snakemake can carry as an input. Not one modified in the future
+    (Snakemake would refuse to order it: its row says so). What reruns the plan is the params:
+    the list of matches and each one's identity, so a file replaced with an older mtime
+    (mv, cp -p, rsync -a, touch -r) is detected again too."""
     return [
-        p for path in SOURCES.values() if os.path.isfile(path) for p in _as_input(path)
+        p
+        for path in SOURCES.values()
+        if os.path.isfile(path) and not is_from_the_future(path)
+        for p in _as_input(path)
     ]
 
 
@@ -148,8 +159,31 @@ def report_inputs(wildcards):
     }
 
 
+_RUN = {"holds_lock": False}
+
+
+def start_run():
+    """onstart: take output_root for this run (a second checkout's run refuses), then remove the
+    temporaries that killed jobs of earlier runs left in the folders it writes."""
+    try:
+        output_lock.acquire(OUT)
+    except output_lock.OutputInUse as exc:
+        raise WorkflowError(str(exc))
+    _RUN["holds_lock"] = True
+    remove_temporaries(OUT, OUTPUT_FOLDERS)
+
+
+def finish_run():
+    """onsuccess: the summary, and output_root free for the next run."""
+    print_summary()
+    output_lock.release(OUT)
+
+
 def report_after_error():
-    """onerror: a failed job (a crash, a SLURM kill) still leaves a full report and its figures."""
+    """onerror: a failed job (a crash, a SLURM kill) still leaves a full report and its figures
+    (not when another run holds output_root: its outputs are its own)."""
+    if not _RUN["holds_lock"]:
+        return
     try:
         report_after_failure(LAYOUT, RELATIVE_PATHS)
         from ckpt_migrate.plots import write_report_figures
@@ -160,6 +194,7 @@ def report_after_error():
     ) as exc:  # the run is failing already; say why the report is missing too
         print(f"ckpt-migrate: could not write the report after the failure: {exc}")
     print_summary()
+    output_lock.release(OUT)
 
 
 def print_summary():

@@ -53,4 +53,4 @@ rule convert:
         staged_log=lambda wildcards: LAYOUT.staged_log(wildcards.ckpt),
         converter=CONVERTER_FINGERPRINT,
     shell:
-        "cp {params.staged_log:q} {log:q} && cp {params.staged:q} {output.check:q}"
+        "cp --remove-destination {params.staged_log:q} {log:q} && cp --remove-destination {params.staged:q} {output.check:q}"

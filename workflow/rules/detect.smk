@@ -21,7 +21,10 @@ checkpoint plan:
         "../envs/ckpt_migrate.yaml"
     params:
         sources=SOURCES,
+        identities=source_identities(SOURCES),
         relative=RELATIVE_PATHS,
+        input_root=INPUT_ROOT,
+        follow_links=config["follow_links"],
         seconds=config["inspect_seconds"],
         memory_mb=config["inspect_memory_mb"],
         overrides=OVERRIDES,

@@ -1,0 +1,47 @@
+"""Issue 21: every command, given damaged, empty, non-UTF-8 or missing inputs, says what is wrong
+in one line and exits non-zero; never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+CLI = os.path.join(os.path.dirname(sys.executable), "ckpt-migrate")
+
+
+@pytest.fixture
+def damaged(tmp_path):
+    out = tmp_path / "out"
+    (out / "checks/run_1").mkdir(parents=True)
+    (out / "report.csv").write_bytes(b"\xff\xfe not a report")
+    (out / "plan.tsv").write_text("key\tstatus\n")
+    (out / "checks/run_1/best_state_100.yaml").write_text("just text, no record")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "config.yaml").write_bytes(b"input_root: [\xff")
+    return tmp_path
+
+
+COMMANDS = {
+    "report on a non-UTF-8 report.csv": (["report", "{t}/out"], "is damaged"),
+    "report on a missing folder": (["report", "{t}/missing"], "does not exist"),
+    "verify-outputs with a damaged check record": (["verify-outputs", "{t}/out"], "holds no record"),
+    "verify-outputs on a missing folder": (["verify-outputs", "{t}/missing"], "not the output_root"),
+    "inspect an empty file": (["inspect", "{t}/empty.pt"], "empty file"),
+    "convert a missing file": (["convert", "{t}/missing.pt", "{t}/converted.pt"], "cannot read the source"),
+    "check an empty file": (["check", "{t}/empty.pt"], "empty file"),
+    "doctor with a damaged config": (["doctor", "--configfile", "{t}/config.yaml"], "error:"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_bad_input_is_one_line_and_a_nonzero_exit(damaged, name):
+    argv, words = COMMANDS[name]
+    proc = subprocess.run([CLI, *(a.format(t=damaged) for a in argv)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    said = [line for line in (proc.stderr + proc.stdout).splitlines() if words in line]
+    assert len(said) == 1 and len(said[0]) <= 400, proc.stderr + proc.stdout
+    assert not (damaged / "converted.pt").exists()
