@@ -59,3 +59,37 @@ def test_a_failed_write_leaves_no_file_and_keeps_its_error(tmp_path):
         pending.write_with(write)
     pending.abort()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_device_or_fifo_is_never_replaced(tmp_path):
+    """Issue 21: ``convert SRC /dev/null`` must not put a regular file where the device was."""
+    import stat as stat_module
+
+    from ckpt_migrate.atomic import DestinationError, atomic_write_bytes
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for path in ("/dev/null", str(fifo)):
+        with pytest.raises(DestinationError, match="not a regular file"):
+            atomic_write_bytes(path, b"x")
+    assert stat_module.S_ISCHR(os.stat("/dev/null").st_mode) and stat_module.S_ISFIFO(os.stat(fifo).st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["pipe"]  # no temporary left
+
+
+def test_open_log_never_writes_through_a_link(tmp_path):
+    from ckpt_migrate.atomic import open_log
+
+    target = tmp_path / "checkpoint.pt"
+    target.write_bytes(b"weights")
+    for kind, append in (("symlink", False), ("hardlink", True)):
+        log = tmp_path / f"{kind}.log"
+        (log.symlink_to if kind == "symlink" else log.hardlink_to)(target)
+        with open_log(str(log), append=append) as f:
+            f.write("a log line\n")
+        assert target.read_bytes() == b"weights"
+        assert not log.is_symlink() and log.stat().st_nlink == 1 and log.read_text() == "a log line\n"
+    own = tmp_path / "own.log"
+    own.write_text("earlier run\n")
+    with open_log(str(own), append=True) as f:
+        f.write("this run\n")
+    assert own.read_text() == "earlier run\nthis run\n"
