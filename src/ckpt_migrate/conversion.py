@@ -25,7 +25,6 @@ from .fingerprint import converter_fingerprint
 from .heap import return_freed_memory
 from .loader import Checkpoint, CheckpointError, open_checkpoint
 from .models import GPTBatched, GPTFlexAttention
-from .zip_crc import ZipLayoutError
 
 log = logging.getLogger(__name__)
 
@@ -217,13 +216,8 @@ class _BackgroundWrite:
         start = time.perf_counter()
         _progress("write", self._t0)
         try:
-            try:
-                self.outcome["sha256"], self.outcome["bytes"] = self.file.write_with(
-                    lambda f: converted_format.save(self._payload, f))
-            except ZipLayoutError as exc:  # another torch's archive: let torch compute the CRCs
-                log.warning("%s; writing %s again with torch's own CRCs", exc, self.file.path)
-                self.outcome["sha256"], self.outcome["bytes"] = self.file.write_with(
-                    lambda f: converted_format.save(self._payload, f, parallel_crc=False))
+            self.outcome["sha256"], self.outcome["bytes"] = self.file.write_with(
+                lambda f: converted_format.save(self._payload, f))
         except (OSError, RuntimeError) as exc:  # torch's zip writer re-raises a failed write as RuntimeError
             cause = exc
             while cause is not None and not isinstance(cause, OSError):

@@ -7,7 +7,6 @@ Every field read back from one is validated, since a file that claims this forma
 
 from __future__ import annotations
 
-import contextlib
 from typing import IO, Any
 
 from . import __version__
@@ -43,60 +42,14 @@ def payload(source: dict, state_dict: dict, cfg: GPTConfig, had_optimizer: bool)
     }
 
 
-# torch.save records the device each storage lives on, and a file that says "cuda:0" does not
-# load on a CPU node without map_location. Tensors built on the check's GPU are written from
-# there (torch copies one storage at a time to the host: the host never holds them all) and
-# recorded as "cpu" by this tagger, which torch.serialization asks before its own: same bytes,
-# and torch.load puts them on the CPU.
-_RECORDED_AS_CPU: set[tuple[str, int]] = set()  # (device, data_ptr) of storages being saved
-_tagger_registered = False
-
-
-def _tag_as_cpu(storage) -> str | None:
-    if storage.device.type != "cpu" and (str(storage.device), storage.data_ptr()) in _RECORDED_AS_CPU:
-        return "cpu"
-    return None
-
-
-def _never_restores(storage, location):  # loading is left to torch's own deserializers
-    return None
-
-
-@contextlib.contextmanager
-def recorded_as_cpu(tensors):
-    """While open, torch.save records the storages of ``tensors`` as CPU storages."""
-    import torch  # here: detection reads converted files without torch
-
-    global _tagger_registered
-    if not _tagger_registered:
-        torch.serialization.register_package(0, _tag_as_cpu, _never_restores)
-        _tagger_registered = True
-    keys = {(str(t.device), t.untyped_storage().data_ptr()) for t in tensors if t.device.type != "cpu"}
-    _RECORDED_AS_CPU.update(keys)
-    try:
-        yield
-    finally:
-        _RECORDED_AS_CPU.difference_update(keys)
-
-
-def save(content: dict, file: IO[bytes], parallel_crc: bool = True) -> None:
-    """torch.save of a :func:`payload`, every weight recorded as a CPU tensor wherever it lives now,
-    the zip's CRCs computed beside the write on several cores (:mod:`ckpt_migrate.zip_crc`; it
-    raises ZipLayoutError if this torch's archive is laid out otherwise: then write the file
-    again with ``parallel_crc=False``)."""
+def save(content: dict, file: IO[bytes]) -> None:
+    """torch.save of a :func:`payload`, every weight as a CPU tensor: a file that records
+    "cuda:0" would not load on a CPU node without map_location. Weights built on the check's GPU
+    are copied to the host here (the host holds them once, as a batch process holds its model)."""
     import torch
 
-    from .zip_crc import save_with_parallel_crc
-
-    tensors = list(content["model"].values())
-    with recorded_as_cpu(tensors):
-        devices = {torch.serialization.location_tag(t.untyped_storage()) for t in tensors}
-        if devices != {"cpu"}:  # a converted file must load anywhere without map_location
-            raise RuntimeError(f"converted weights would be recorded on {sorted(devices - {'cpu'})}, not the CPU")
-        if parallel_crc:
-            save_with_parallel_crc(content, file)
-        else:
-            torch.save(content, file)
+    content = {**content, "model": {k: v.cpu() for k, v in content["model"].items()}}
+    torch.save(content, file)
 
 
 def is_converted(obj: Any) -> bool:

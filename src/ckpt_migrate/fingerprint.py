@@ -17,7 +17,7 @@ import os
 # the logit check, and the file format written (and how it is written).
 READER_MODULES = ("safe_pickle.py", "pickle_machine.py", "pickle_allowlist.py", "pickle_values.py")
 CONVERTER_MODULES = (*READER_MODULES, "loader.py", "detect.py", "families.py", "forward_variant.py", "convert.py",
-                     "models.py", "check.py", "check_settings.py", "conversion.py", "converted.py", "zip_crc.py",
+                     "models.py", "check.py", "check_settings.py", "conversion.py", "converted.py",
                      "atomic.py")
 
 

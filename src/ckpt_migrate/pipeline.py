@@ -428,15 +428,15 @@ def _read_index(path: str) -> dict:
 def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], layout: OutputLayout,
                     seconds: float = DEFAULT_SECONDS, memory_mb: int = DEFAULT_MEMORY_MB,
                     overrides: dict | None = None,
-                    conversions_per_job: int = DEFAULT_CONVERSIONS_PER_JOB, input_root: str | None = None,
-                    follow_links: bool = True) -> list[str]:
+                    conversions_per_job: int = DEFAULT_CONVERSIONS_PER_JOB,
+                    outside: dict[str, str] | None = None) -> list[str]:
     """Detect every checkpoint whose manifest is missing or stale, in this one process, and write the plan.
 
     A manifest is reused when its file's identity (:func:`file_identity`), the detector and
     the overrides are unchanged, so a rerun detects only what is new or changed. Each small file is put in a
     conversion batch: the one it was in if the file is unchanged (so its finished conversion
     stands), else a new batch of up to ``conversions_per_job`` new, changed or unrecorded files.
-    Unless ``follow_links``, a match that resolves outside ``input_root`` is never opened.
+    A match in ``outside`` (key -> why: it resolves outside input_root) is never opened.
     Returns the keys to convert."""
     from .fingerprint import detector_fingerprint
 
@@ -448,9 +448,9 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
     unbatched: list[str] = []
     for key in sorted(sources):
         manifest_path = layout.manifest(key)
-        outside = "" if follow_links or input_root is None else link_outside(sources[key], input_root)
+        not_read = (outside or {}).get(key, "")
         identity = {"file": file_identity(sources[key]), "detector": detector, "overrides": overrides,
-                    "outside": outside, "manifest_ns": _mtime_ns(manifest_path)}
+                    "outside": not_read, "manifest_ns": _mtime_ns(manifest_path)}
         entry = index.get(key) or {}
         if entry.get("manifest_ns") is not None and {k: entry.get(k) for k in identity} == identity:
             status = entry["status"]  # unchanged file and manifest: not even the YAML is read
@@ -458,7 +458,7 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
             record = _still_current(manifest_path, identity)
             if record is None:
                 record = write_manifest(sources[key], relative_paths[key], manifest_path, seconds, memory_mb, overrides,
-                                        outside)
+                                        not_read)
                 detected += 1
             status = record.get("status", "unknown")
             identity["manifest_ns"] = _mtime_ns(manifest_path)

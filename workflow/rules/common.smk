@@ -17,6 +17,7 @@ from ckpt_migrate.pipeline import (
     checkpoint_sources,
     glob_problem,
     is_from_the_future,
+    link_outside,
     placement_problem,
     read_batches,
     read_plan,
@@ -88,6 +89,12 @@ OVERRIDES = {key: config[key] for key in ("eot_token", "num_iterations")}
 
 
 CHECKPOINTS = sorted(SOURCES)
+# Matches that resolve outside input_root, with the reason they are not read (unless follow_links).
+OUTSIDE = {
+    key: link_outside(path, INPUT_ROOT)
+    for key, path in SOURCES.items()
+    if not config["follow_links"] and link_outside(path, INPUT_ROOT)
+}
 RELATIVE_PATHS = {
     key: os.path.relpath(path, INPUT_ROOT) for key, path in SOURCES.items()
 }
