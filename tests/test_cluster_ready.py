@@ -87,7 +87,7 @@ def test_a_converter_change_reconverts_and_a_report_change_does_not(tmp_path):
     from ckpt_migrate.fingerprint import converter_fingerprint
 
     assert record["converter_fingerprint"] == converter_fingerprint()
-    for module, expected in (("plots.py", 0), ("pipeline.py", 0), ("convert.py", 2), ("check.py", 2)):
+    for module, expected in (("plots.py", 0), ("report.py", 0), ("convert.py", 2), ("check.py", 2)):
         dry = subprocess.run(cmd + ["-n"], cwd=REPO, capture_output=True, text=True, timeout=600,
                              env=_package_copy(tmp_path / module, module))
         assert dry.returncode == 0, dry.stdout[-2000:]

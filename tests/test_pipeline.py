@@ -117,6 +117,14 @@ def test_input_tree_is_untouched(first_run):
 
 def test_rerun_with_nothing_new_schedules_nothing(first_run):
     tree, out, _, _ = first_run
+    # The tree's write bits were toggled (a chmod moves every file's ctime): the plan runs once,
+    # finds the same bytes (the tail hash) and converts nothing; then nothing is left to do.
+    make_writable(str(tree))
+    make_read_only(str(tree))
+    proc = snakemake(str(tree), str(out))
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert proc.returncode == 0 and counts.get("plan") == 1 and "convert" not in counts and "convert_batch" not in counts
+    assert _last_plan_line(out).startswith("detected 0 file(s)")
     proc = snakemake(str(tree), str(out), "-n")
     assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr
 
@@ -183,7 +191,7 @@ def test_incremental_new_run_replaced_file_and_file_completed_later(tmp_path):
 def _last_plan_line(out) -> str:
     """What the last plan job said it detected (its log is appended to by every run)."""
     line = [l for l in (out / "logs/plan.log").read_text().splitlines() if "detected" in l][-1]
-    return line.split("ckpt_migrate.pipeline: ", 1)[1]
+    return line.split("ckpt_migrate.plan: ", 1)[1]
 
 
 def test_failed_check_writes_report_then_exits_nonzero(tmp_path):

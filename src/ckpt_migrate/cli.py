@@ -106,7 +106,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_verify_outputs(args) -> int:
-    from .pipeline import OutputLayout, verify_outputs
+    from .layout import OutputLayout
+    from .verify import verify_outputs
 
     layout = OutputLayout(args.output_root)
     if not (os.path.exists(layout.plan) or os.path.exists(layout.report)):
@@ -122,7 +123,8 @@ def cmd_verify_outputs(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .pipeline import OutputLayout, read_report, summarize
+    from .layout import OutputLayout
+    from .report import read_report, summarize
 
     path = OutputLayout(args.output_root).report
     if not os.path.exists(path):

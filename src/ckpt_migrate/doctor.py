@@ -74,7 +74,7 @@ def load_config(configfile: str, overrides: list[str]) -> dict:
 
 def conversion_request(profile: dict, config: dict | None = None) -> dict:
     """The resources one conversion job (a full batch) asks SLURM for, with this profile and config."""
-    from .pipeline import DEFAULT_CONVERSIONS_PER_JOB, batch_minutes
+    from .plan import DEFAULT_CONVERSIONS_PER_JOB, batch_minutes
 
     per_job = int((config or {}).get("conversions_per_job") or DEFAULT_CONVERSIONS_PER_JOB)
     request = {**RULE_CONVERT_RESOURCES, **(profile.get("default-resources") or {}),
@@ -214,7 +214,7 @@ def _status_finding(profile: dict) -> Finding:
 
 def storage_findings(config: dict) -> list[Finding]:
     found: list[Finding] = []
-    from .pipeline import checkpoint_sources, glob_problem, placement_problem
+    from .layout import checkpoint_sources, glob_problem, placement_problem
 
     root = os.path.abspath(os.path.expanduser(str(config.get("input_root", ""))))
     out = os.path.abspath(os.path.expanduser(str(config.get("output_root", "results"))))
@@ -255,7 +255,7 @@ def storage_findings(config: dict) -> list[Finding]:
 
 def _bytes_needed(out: str, matches: list[str]) -> tuple[int, str]:
     """Model-weight bytes of the small files still to convert: from manifests, else file sizes (an upper bound)."""
-    from .pipeline import OutputLayout
+    from .layout import OutputLayout
 
     manifests: dict[str, dict] = {}
     for folder, _, files in os.walk(OutputLayout(out).manifests_dir):

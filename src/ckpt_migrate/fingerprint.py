@@ -15,18 +15,20 @@ import os
 
 # Reading and loading (what is converted), layout tables and conversion, the models' forwards,
 # the logit check, and the file format written (and how it is written).
-READER_MODULES = ("safe_pickle.py", "pickle_machine.py", "pickle_allowlist.py", "pickle_values.py")
-CONVERTER_MODULES = (*READER_MODULES, "loader.py", "detect.py", "families.py", "forward_variant.py", "convert.py",
-                     "models.py", "check.py", "check_settings.py", "conversion.py", "converted.py",
+READER_MODULES = ("safe_pickle.py", "pickle_machine.py", "pickle_input.py", "pickle_opcodes.py", "pickle_allowlist.py",
+                  "pickle_checks.py", "pickle_torch.py", "pickle_numpy.py", "pickle_values.py")
+CONVERTER_MODULES = (*READER_MODULES, "loader.py", "detect.py", "families.py", "forward_variant.py", "code_lines.py",
+                     "convert.py", "models.py", "check.py", "check_settings.py", "conversion.py", "converted.py",
                      "atomic.py")
 
 
 # What decides a manifest: the reader, the classification, and the isolation around it.
-DETECTOR_MODULES = (*READER_MODULES, "detect.py", "converted.py", "families.py", "forward_variant.py", "isolate.py")
+DETECTOR_MODULES = (*READER_MODULES, "detect.py", "converted.py", "families.py", "forward_variant.py", "code_lines.py",
+                    "isolate.py")
 
 
 # What decides a report row from a manifest and a check record: the row code and the metric list.
-REPORT_MODULES = ("pipeline.py", "metrics.py")
+REPORT_MODULES = ("report.py", "records.py", "metrics.py")
 
 
 def converter_fingerprint() -> str:

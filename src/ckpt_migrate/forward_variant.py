@@ -18,9 +18,9 @@ because the tool cannot say what its model computes. Torch-free (the login-node 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 from .families import ATTN_SCALE, FAMILY_SOFTCAPS, HEAD_DIM, Family
+from .code_lines import MAX_LINE, Line, Reading, find_lines, lines_holding, show_line, strip_comment, unknown, record_use
 
 # The forward parameters GPTConfig carries (their defaults are the families' own forwards).
 SOFTCAPS = {
@@ -32,97 +32,11 @@ SOFTCAPS = {
     "rsqrt15": "15*z/sqrt(z^2+225)",
 }
 
-MAX_LINES_PER_NEEDLE = 64  # a script states each fact a few times at most; beyond is not a training script
-MAX_LINE = 4096  # characters of a line read around a hit
-_SHOWN_LINE = 90  # characters of an offending line quoted in a reason
 
 
 def family_default(family: Family) -> dict:
     """The forward parameters of ``family``'s own script (what a file without code is assumed to be)."""
     return {"softcap": family.softcap, "attn_scale": ATTN_SCALE, "skip_order": "unet"}
-
-
-@dataclass
-class _Line:
-    number: int  # 1-based line number in the code
-    offset: int  # where the line starts in the code
-    text: str  # as written, comment and indentation stripped
-    key: str  # without any whitespace: what spellings are matched against
-
-
-@dataclass
-class _Reading:
-    """Lines found per needle, and the problems met while reading them."""
-
-    lines: dict[str, list[_Line]] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-    used: dict[str, list[int]] = field(default_factory=dict)  # fact -> line numbers that decided it
-
-
-def _strip_comment(line: str) -> str:
-    """The line without a trailing ``# comment`` (a ``#`` inside a string literal is kept)."""
-    quote = ""
-    for i, ch in enumerate(line):
-        if quote:
-            if ch == quote:
-                quote = ""
-        elif ch in "\"'":
-            quote = ch
-        elif ch == "#":
-            return line[:i]
-    return line
-
-
-def _find_lines(code: str, needles: tuple[str, ...]) -> tuple[dict[str, list[_Line]], str]:
-    """Every line of ``code`` that holds each needle (bounded), with its line number.
-
-    One pass per needle with str.find, and line numbers counted once over the sorted hits:
-    linear in the code's size whatever it holds (tens of MB of padding included)."""
-    hits: dict[str, list[tuple[int, int]]] = {}  # needle -> (line start, where the needle is on it)
-    for needle in needles:
-        starts, pos = [], 0
-        while True:
-            at = code.find(needle, pos)
-            if at < 0:
-                break
-            start = code.rfind("\n", 0, at) + 1
-            if not starts or starts[-1][0] != start:
-                starts.append((start, at))
-                if len(starts) > MAX_LINES_PER_NEEDLE:
-                    return {}, f"the training code has more than {MAX_LINES_PER_NEEDLE} lines with {needle!r}"
-            end = code.find("\n", at)
-            pos = len(code) if end < 0 else end + 1
-        hits[needle] = starts
-    numbers: dict[int, int] = {}
-    line_no, last = 1, 0
-    for start in sorted({s for starts in hits.values() for s, _ in starts}):
-        line_no += code.count("\n", last, start)
-        numbers[start], last = line_no, start
-    found: dict[str, list[_Line]] = {}
-    for needle, starts in hits.items():
-        lines = []
-        for start, at in starts:
-            end = code.find("\n", start)
-            end = len(code) if end < 0 else end
-            if end - start > MAX_LINE:
-                # No model line is this long: keep the stretch around the hit (shown, and never a known spelling).
-                raw = code[max(start, at - MAX_LINE // 2): min(end, at + MAX_LINE // 2)]
-            else:
-                raw = code[start:end]
-            text = _strip_comment(raw).strip()
-            if needle in text:  # a needle only in a comment does not state anything
-                lines.append(_Line(numbers[start], start, text, re.sub(r"\s+", "", text)))
-        found[needle] = lines
-    return found, ""
-
-
-def _show(line: _Line) -> str:
-    text = line.text if len(line.text) <= _SHOWN_LINE else line.text[:_SHOWN_LINE - 3] + "..."
-    return f"code line {line.number}: `{text}`"
-
-
-def _unknown(fact: str, line: _Line, known: str) -> str:
-    return f"the training code's {fact} ({_show(line)}) is not a spelling this tool reproduces (known: {known})"
 
 
 # --- the facts --------------------------------------------------------------------------------
@@ -228,31 +142,17 @@ _NEEDLES = (*_SOFTCAP_NEEDLES, *_ATTN_NEEDLES, *_SKIP_NEEDLES, "ve=[", "ve = [",
 _MODEL_NEEDLES = (*_SOFTCAP_NEEDLES, *_ATTN_NEEDLES, *_SKIP_NEEDLES)  # any of these: the code holds a model
 
 
-def _lines(reading: _Reading, *needles: str, starts: tuple[str, ...] = ()) -> list[_Line]:
-    """The lines holding any of ``needles`` (each once), optionally only those whose key starts so."""
-    seen: dict[int, _Line] = {}
-    for needle in needles:
-        for line in reading.lines.get(needle, []):
-            if not starts or line.key.startswith(starts):
-                seen.setdefault(line.number, line)
-    return [seen[n] for n in sorted(seen)]
-
-
-def _use(reading: _Reading, fact: str, lines: list[_Line]) -> None:
-    reading.used.setdefault(fact, []).extend(line.number for line in lines)
-
-
-def _read_softcap(reading: _Reading, family: Family) -> str | None:
+def _read_softcap(reading: Reading, family: Family) -> str | None:
     # Every sigmoid/tanh/rsqrt line: upstream scripts with these keys use them only for the soft-cap,
     # and one elsewhere (a gate, a helper) would be a forward this tool does not know.
-    candidates = _lines(reading, *_SOFTCAP_NEEDLES)
+    candidates = lines_holding(reading, *_SOFTCAP_NEEDLES)
     allowed = FAMILY_SOFTCAPS[family.name]
     known = ", ".join(SOFTCAPS[k] for k in allowed)
     values = set()
     for line in candidates:
         value = next((v for pattern, v in _SOFTCAP_SPELLINGS if pattern.fullmatch(line.key)), None)
         if value is None:
-            reading.problems.append(_unknown("soft-cap", line, known))
+            reading.problems.append(unknown("soft-cap", line, known))
             return None
         values.add(value)
     if not candidates:
@@ -264,22 +164,22 @@ def _read_softcap(reading: _Reading, family: Family) -> str | None:
         return None
     value = values.pop()
     if value not in allowed:
-        reading.problems.append(f"the training code's soft-cap ({_show(candidates[0])}) is "
+        reading.problems.append(f"the training code's soft-cap ({show_line(candidates[0])}) is "
                                 f"{SOFTCAPS[value]}, not a {family.name} model's")
         return None
-    _use(reading, "soft-cap", candidates)
+    record_use(reading, "soft-cap", candidates)
     return value
 
 
-def _scale_value(reading: _Reading, expr: str, line: _Line) -> float | None:
+def _scale_value(reading: Reading, expr: str, line: Line) -> float | None:
     value = _SCALE_VALUES.get(expr)
     if value is None:
-        reading.problems.append(_unknown("attention scale", line, "0.12, 15/head_dim"))
+        reading.problems.append(unknown("attention scale", line, "0.12, 15/head_dim"))
     return value
 
 
-def _read_attn_scale(reading: _Reading) -> float | None:
-    candidates = _lines(reading, *_ATTN_NEEDLES)
+def _read_attn_scale(reading: Reading) -> float | None:
+    candidates = lines_holding(reading, *_ATTN_NEEDLES)
     calls, assigned = [], set()
     for line in candidates:
         if line.key.startswith(("from", "import")):
@@ -288,7 +188,7 @@ def _read_attn_scale(reading: _Reading) -> float | None:
         assign = _ATTN_ASSIGN.fullmatch(line.key)
         if call:
             if call.group("scale") is None:
-                reading.problems.append(f"the training code's attention ({_show(line)}) uses flex_attention's "
+                reading.problems.append(f"the training code's attention ({show_line(line)}) uses flex_attention's "
                                         f"default scale 1/sqrt(head_dim), which no upstream version with these "
                                         f"keys does")
                 return None
@@ -298,9 +198,9 @@ def _read_attn_scale(reading: _Reading) -> float | None:
             if value is None:
                 return None
             assigned.add(value)
-            _use(reading, "attention scale", [line])
+            record_use(reading, "attention scale", [line])
         else:
-            reading.problems.append(_unknown("attention", line, "flex_attention(q, k, v, block_mask, scale=...)"))
+            reading.problems.append(unknown("attention", line, "flex_attention(q, k, v, block_mask, scale=...)"))
             return None
     if not calls:
         reading.problems.append("the training code has no flex_attention call to read the attention scale from")
@@ -309,7 +209,7 @@ def _read_attn_scale(reading: _Reading) -> float | None:
     for line, expr in calls:
         if expr == "self.attn_scale":
             if len(assigned) != 1:
-                reading.problems.append(f"the training code's attention ({_show(line)}) uses self.attn_scale, "
+                reading.problems.append(f"the training code's attention ({show_line(line)}) uses self.attn_scale, "
                                         f"but {'no' if not assigned else 'more than one'} value is assigned to it")
                 return None
             values |= assigned
@@ -318,32 +218,32 @@ def _read_attn_scale(reading: _Reading) -> float | None:
             if value is None:
                 return None
             values.add(value)
-        _use(reading, "attention scale", [line])
+        record_use(reading, "attention scale", [line])
     if len(values) != 1:
         reading.problems.append("the training code's attention scales disagree")
         return None
     return values.pop()
 
 
-def _skip_map(code: str, line: _Line, reading: _Reading) -> dict[int, int] | None:
+def _skip_map(code: str, line: Line, reading: Reading) -> dict[int, int] | None:
     """The dict literal that starts on ``line`` (it may span a few lines): ``{9: 6, ...}``."""
     lines = code[line.offset: line.offset + 1000].split("\n")[:12]
-    text = re.sub(r"\s+", "", "".join(_strip_comment(x) for x in lines))
+    text = re.sub(r"\s+", "", "".join(strip_comment(x) for x in lines))
     match = re.match(r"skip_map=\{(?P<body>(?:\d{1,4}:\d{1,4},?)*)\}", text)
     if not match:
-        reading.problems.append(_unknown("skip map", line, "{9: 6, 10: 4, 11: 2}"))
+        reading.problems.append(unknown("skip map", line, "{9: 6, 10: 4, 11: 2}"))
         return None
     return {int(a): int(b) for a, b in re.findall(r"(\d+):(\d+)", match.group("body"))}
 
 
-def _previous_key(code: str, line: _Line) -> str:
+def _previous_key(code: str, line: Line) -> str:
     """The statement before ``line`` (blank and comment lines skipped), whitespace removed."""
     end = line.offset - 1
     for _ in range(8):
         if end <= 0:
             return ""
         start = code.rfind("\n", max(0, end - MAX_LINE), end) + 1
-        key = re.sub(r"\s+", "", _strip_comment(code[start:end]))
+        key = re.sub(r"\s+", "", strip_comment(code[start:end]))
         if key:
             return key
         end = start - 1
@@ -359,20 +259,20 @@ _SKIP_GUARDS = {
 }
 
 
-def _read_skips(reading: _Reading, family: Family, code: str) -> str | None:
-    candidates = _lines(reading, *_SKIP_NEEDLES)
-    kinds: dict[str, list[_Line]] = {}
+def _read_skips(reading: Reading, family: Family, code: str) -> str | None:
+    candidates = lines_holding(reading, *_SKIP_NEEDLES)
+    kinds: dict[str, list[Line]] = {}
     for line in candidates:
         if line.key.startswith(_SKIP_MAP_START):
             kinds.setdefault("map_def", []).append(line)
             continue
         kind = _SKIP_KNOWN.get(line.key)
         if kind is None:
-            reading.problems.append(_unknown("skip connection", line, "U-net pop, skip_map"))
+            reading.problems.append(unknown("skip connection", line, "U-net pop, skip_map"))
             return None
         guards = _SKIP_GUARDS.get(kind, {}).get(family.name)
         if guards and _previous_key(code, line) not in {re.sub(r"\s+", "", g) for g in guards}:
-            reading.problems.append(f"the training code's skip connection ({_show(line)}) is not under "
+            reading.problems.append(f"the training code's skip connection ({show_line(line)}) is not under "
                                     f"`{guards[0]}` as upstream's is")
             return None
         kinds.setdefault(kind, []).append(line)
@@ -391,22 +291,22 @@ def _read_skips(reading: _Reading, family: Family, code: str) -> str | None:
             if skip_map is None:
                 return None
             if skip_map != family.skip_map:
-                reading.problems.append(f"the training code's skip map {skip_map} ({_show(line)}) "
+                reading.problems.append(f"the training code's skip map {skip_map} ({show_line(line)}) "
                                         f"is not medium's {family.skip_map}")
                 return None
         order = "unet"
-    _use(reading, "skips", [ln for lines in kinds.values() for ln in lines])
+    record_use(reading, "skips", [ln for lines in kinds.values() for ln in lines])
     return order
 
 
-def _read_table(reading: _Reading, fact: str, lines: list[_Line], known: dict | set, required: tuple = (),
+def _read_table(reading: Reading, fact: str, lines: list[Line], known: dict | set, required: tuple = (),
                 shown: str = "") -> set | None:
     """Hold ``lines`` to a table of known spellings; the kinds found, or None (a problem recorded)."""
     kinds = set()
     for line in lines:
         kind = known.get(line.key) if isinstance(known, dict) else (line.key if line.key in known else None)
         if kind is None:
-            reading.problems.append(_unknown(fact, line, shown or "upstream's"))
+            reading.problems.append(unknown(fact, line, shown or "upstream's"))
             return None
         kinds.add(kind)
     missing = [k for k in required if k not in kinds]
@@ -414,75 +314,75 @@ def _read_table(reading: _Reading, fact: str, lines: list[_Line], known: dict | 
         reading.problems.append(f"the training code has no {fact} line"
                                 + (f" like `{shown}`" if shown else ""))
         return None
-    _use(reading, fact, lines)
+    record_use(reading, fact, lines)
     return kinds
 
 
-def _read_structure(reading: _Reading, family: Family) -> None:
+def _read_structure(reading: Reading, family: Family) -> None:
     """The facts every version with these keys shares: any other spelling is a problem."""
-    _read_table(reading, "value-embedding placement", _lines(reading, "ve=[", "ve = [", starts=("ve=[",)),
+    _read_table(reading, "value-embedding placement", lines_holding(reading, "ve=[", "ve = [", starts=("ve=[",)),
                 _VE_KNOWN, ("placement",), "ve = [ve[0], ve[1], ve[2]] + [None] * (L - 6) + [ve[0], ve[1], ve[2]]")
-    lambdas = _lines(reading, "lambdas[", "lambdas=")
+    lambdas = lines_holding(reading, "lambdas[", "lambdas=")
     lambdas = [ln for ln in lambdas if not ln.key.startswith(("self.lambdas=nn.Parameter", "def"))]
     _read_table(reading, "residual/value lambdas", lambdas, _LAMBDA_KNOWN, ("residual", "value"),
                 "x = lambdas[0] * x + lambdas[1] * x0")
-    attn_inputs = _lines(reading, "self.attn(")
+    attn_inputs = lines_holding(reading, "self.attn(")
     if not attn_inputs:
         reading.problems.append("the training code has no attention call line (x = x + self.attn(...))")
         return
     for line in attn_inputs:
         match = _ATTN_INPUT.fullmatch(line.key)
         if not match:
-            reading.problems.append(_unknown("attention input", line, "x + self.attn(norm(x) or x, ve, ...)"))
+            reading.problems.append(unknown("attention input", line, "x + self.attn(norm(x) or x, ve, ...)"))
             return
         if (match.group("input") == "norm(x)") != family.norm_attn_input:
-            reading.problems.append(f"the training code's attention input ({_show(line)}) is "
+            reading.problems.append(f"the training code's attention input ({show_line(line)}) is "
                                     f"{'not ' if family.norm_attn_input else ''}normed, unlike a {family.name} model")
             return
-    _use(reading, "attention input", attn_inputs)
-    _read_table(reading, "MLP input", _lines(reading, "self.mlp("), _MLP_KNOWN, ("x=x+self.mlp(norm(x))",),
+    record_use(reading, "attention input", attn_inputs)
+    _read_table(reading, "MLP input", lines_holding(reading, "self.mlp("), _MLP_KNOWN, ("x=x+self.mlp(norm(x))",),
                 "x = x + self.mlp(norm(x))")
-    v_norm = [ln for ln in _lines(reading, "norm(v)")]
+    v_norm = [ln for ln in lines_holding(reading, "norm(v)")]
     if any(ln.key != _V_NORM for ln in v_norm) or bool(v_norm) != family.norm_v:
         line = next((ln for ln in v_norm if ln.key != _V_NORM), v_norm[0] if v_norm else None)
         reading.problems.append(f"the training code {'norms v' if v_norm else 'does not norm v'} "
-                                f"({_show(line) if line else 'no v = norm(v) line'}), unlike a {family.name} model")
+                                f"({show_line(line) if line else 'no v = norm(v) line'}), unlike a {family.name} model")
         return
-    _read_table(reading, "MLP activation", _lines(reading, *_ACTIVATION_NEEDLES), _ACTIVATION_KNOWN,
+    _read_table(reading, "MLP activation", lines_holding(reading, *_ACTIVATION_NEEDLES), _ACTIVATION_KNOWN,
                 ("x=F.relu(x).square()",), "x = F.relu(x).square()")
-    _read_table(reading, "rotary embedding", _lines(reading, "angular_freq"), _ROTARY_KNOWN, ("freq", "truncate"),
+    _read_table(reading, "rotary embedding", lines_holding(reading, "angular_freq"), _ROTARY_KNOWN, ("freq", "truncate"),
                 "angular_freq = (1 / 1024) ** linspace(0, 1, dim//4), then dim//4 zeros")
-    _read_table(reading, "QK norm", _lines(reading, "norm(q)"), {_QK_NORM}, (_QK_NORM,), "q, k = norm(q), norm(k)")
-    _read_table(reading, "embedding norm", _lines(reading, "self.embed(", starts=("x=",)), _EMBED_KNOWN,
+    _read_table(reading, "QK norm", lines_holding(reading, "norm(q)"), {_QK_NORM}, (_QK_NORM,), "q, k = norm(q), norm(k)")
+    _read_table(reading, "embedding norm", lines_holding(reading, "self.embed(", starts=("x=",)), _EMBED_KNOWN,
                 tuple(_EMBED_KNOWN), "x = x0 = norm(self.embed(input_seq)[None])")
     _read_windows(reading, family)
-    docs = _lines(reading, "cumsum(", starts=("docs=",))
+    docs = lines_holding(reading, "cumsum(", starts=("docs=",))
     if not docs or any(not _DOCS.fullmatch(ln.key) for ln in docs):
         line = next((ln for ln in docs if not _DOCS.fullmatch(ln.key)), None)
-        reading.problems.append(_unknown("document masking", line, "docs = (input_seq == EOT).cumsum(0)") if line
+        reading.problems.append(unknown("document masking", line, "docs = (input_seq == EOT).cumsum(0)") if line
                                 else "the training code has no document-masking line (docs = (input_seq == EOT)"
                                      ".cumsum(0))")
     else:
-        _use(reading, "document masking", docs)
+        record_use(reading, "document masking", docs)
 
 
-def _read_windows(reading: _Reading, family: Family) -> None:
-    masks = _lines(reading, "block_masks", starts=("block_masks=",))
+def _read_windows(reading: Reading, family: Family) -> None:
+    masks = lines_holding(reading, "block_masks", starts=("block_masks=",))
     expected = ",".join("long_bm" if i in family.long_window_layers else "short_bm" for i in range(family.num_layers))
     for line in masks:
         match = _BLOCK_MASKS.fullmatch(line.key)
         if not match or match.group("list") != expected:
-            reading.problems.append(_unknown("per-layer windows", line, f"long at layers "
+            reading.problems.append(unknown("per-layer windows", line, f"long at layers "
                                              f"{', '.join(map(str, family.long_window_layers))}"))
             return
     if not masks:
         reading.problems.append("the training code has no per-layer window list (block_masks = [...])")
         return
-    _use(reading, "per-layer windows", masks)
-    if _read_table(reading, "short window", _lines(reading, "build_bm("), _BUILD_BM_KNOWN, ("short_half",),
+    record_use(reading, "per-layer windows", masks)
+    if _read_table(reading, "short window", lines_holding(reading, "build_bm("), _BUILD_BM_KNOWN, ("short_half",),
                    "build_bm(n), build_bm(n // 2)") is None:
         return
-    schedule = _lines(reading, "window_size =", "window_size=", starts=("window_size=",))
+    schedule = lines_holding(reading, "window_size =", "window_size=", starts=("window_size=",))
     kinds = _read_table(reading, "window schedule", schedule, _SCHEDULES, (family.name,),
                         "window_size = next_multiple_of_n(1728 * x, n=128)" if family.name == "small"
                         else "window_size = next_multiple_of_n(3456 * factor, n=128)")
@@ -492,7 +392,7 @@ def _read_windows(reading: _Reading, family: Family) -> None:
         reading.problems.append(f"the training code's window schedule is not a {family.name} model's")
         return
     if family.name == "medium":
-        _read_table(reading, "window schedule factor", _lines(reading, "factor =", "factor=", starts=("factor=",)),
+        _read_table(reading, "window schedule factor", lines_holding(reading, "factor =", "factor=", starts=("factor=",)),
                     {_MEDIUM_FACTOR}, (_MEDIUM_FACTOR,), "factor = 4 * x ** 3 - 6 * x ** 2 + 3 * x")
 
 
@@ -507,10 +407,10 @@ def forward_from_code(code: object, family: Family) -> tuple[dict, str, str]:
     default = family_default(family)
     if not isinstance(code, str):
         return default, f"no code: assumed {family.name} ({family.script})", ""
-    found, problem = _find_lines(code, _NEEDLES)
+    found, problem = find_lines(code, _NEEDLES)
     if problem:
         return default, "code", problem
-    reading = _Reading(lines=found)
+    reading = Reading(lines=found)
     if not any(reading.lines.get(n) for n in _MODEL_NEEDLES):
         return default, f"code holds no model lines: assumed {family.name} ({family.script})", ""
     softcap = _read_softcap(reading, family)

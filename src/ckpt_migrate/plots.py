@@ -6,7 +6,7 @@ import math
 
 from .atomic import atomic_open, atomic_write_text
 from .metrics import CHECK_FIELDS, LOGIT_METRICS
-from .pipeline import NEEDS_A_PERSON, read_report
+from .report import NEEDS_A_PERSON, read_report
 
 STATUS_COLORS = {"converted": "#2b8a3e", "not_needed": "#74c0fc", "failed": "#e03131", "unknown": "#f59f00",
                  "unreadable": "#868e96", "unsafe": "#862e9c"}

@@ -1,0 +1,175 @@
+"""The plan job: detect every new or changed checkpoint (each in a budgeted child, no torch) and
+put the small-format ones into conversion batches.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+
+import yaml
+
+from . import __version__
+from .atomic import atomic_write_text
+from .detect import ManifestRecord
+from .isolate import DEFAULT_MEMORY_MB, DEFAULT_SECONDS, detect_isolated, display_path
+from .layout import OutputLayout
+from .records import (FUTURE_SLACK_NS, file_identity, identity_change, iso_utc, job_environment, mtime_ns,
+                      read_index, read_yaml, write_yaml)
+
+log = logging.getLogger(__name__)
+
+
+# key: the checkpoint's wildcard value (its path, %-escaped, without .pt); batch: the conversion job
+# a small file is in; source: its path as hex bytes (any file name survives the TSV).
+PLAN_HEADER = ("key", "status", "batch", "source")
+
+
+DEFAULT_CONVERSIONS_PER_JOB = 8
+
+
+def batch_minutes(files: int) -> int:
+    """The time a conversion job asks for: start-up, then a generous 5 minutes a file (one full-size
+    file takes well under a minute on a GPU and a few on a CPU)."""
+    return 10 + 5 * max(1, files)
+
+
+def write_manifest(src: str, relative_path: str, manifest_path: str, seconds: float = DEFAULT_SECONDS,
+                   memory_mb: int = DEFAULT_MEMORY_MB, overrides: dict | None = None,
+                   not_read_because: str = "") -> ManifestRecord:
+    """Detect the format of ``src`` (in a child, within budget) and write its manifest; with
+    ``not_read_because``, the file is not opened and is unreadable for that reason.
+
+    Bad files give a manifest, not an error; the record holds only plain values (it went
+    through JSON), so it always serializes."""
+    from .fingerprint import detector_fingerprint
+
+    identity = file_identity(src, with_content=True)  # before reading: one replaced meanwhile is detected again
+    if not not_read_because and identity is not None and identity["mtime_ns"] > time.time_ns() + FUTURE_SLACK_NS:
+        not_read_because = (f"modified in the future ({iso_utc(identity['mtime_ns'] / 1e9)}; the clock of whatever "
+                            f"wrote it is ahead): Snakemake cannot order it; fix the time (touch the file) and rerun")
+    if not_read_because:
+        from .detect import record_from_inspection
+        from .safe_pickle import ArchiveInspection
+
+        record = record_from_inspection(src, ArchiveInspection("unreadable", not_read_because), overrides)
+    else:
+        record = detect_isolated(src, seconds, memory_mb, overrides)
+    record = {**record, "source_identity": identity, "not_read_because": not_read_because, "relative_path": display_path(relative_path), "detector_version": __version__,
+              "detector_fingerprint": detector_fingerprint(), "overrides": dict(overrides or {}),
+              "detected_on": job_environment()}
+    write_yaml(manifest_path, record)
+    log.info("%s: %s %s %s", display_path(relative_path), record["format"], record.get("variant", ""),
+             record.get("reason", ""))
+    return record
+
+
+def _still_current(manifest_path: str, src: str, identity: dict) -> ManifestRecord | None:
+    """The manifest, if it describes ``src`` as it is now (:func:`identity_change`) with this
+    detector, these overrides and the same reason not to read it."""
+    try:
+        record = read_yaml(manifest_path)
+    except (OSError, yaml.YAMLError):
+        return None
+    recorded = {"detector": record.get("detector_fingerprint"), "overrides": record.get("overrides"),
+                "outside": record.get("not_read_because")}
+    same = all(recorded[k] == identity[k] for k in recorded) and record.get("source_identity") is not None
+    return record if same and not identity_change(record["source_identity"], src) else None
+
+
+def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], layout: OutputLayout,
+                    seconds: float = DEFAULT_SECONDS, memory_mb: int = DEFAULT_MEMORY_MB,
+                    overrides: dict | None = None,
+                    conversions_per_job: int = DEFAULT_CONVERSIONS_PER_JOB,
+                    outside: dict[str, str] | None = None) -> list[str]:
+    """Detect every checkpoint whose manifest is missing or stale, in this one process, and write the plan.
+
+    A manifest is reused when its file's identity (:func:`file_identity`), the detector and
+    the overrides are unchanged, so a rerun detects only what is new or changed. Each small file is put in a
+    conversion batch: the one it was in if the file is unchanged (so its finished conversion
+    stands), else a new batch of up to ``conversions_per_job`` new, changed or unrecorded files.
+    A match in ``outside`` (key -> why: it resolves outside input_root) is never opened.
+    Returns the keys to convert."""
+    from .fingerprint import detector_fingerprint
+
+    overrides = dict(overrides or {})
+    detector = detector_fingerprint()
+    index = read_index(layout.manifest_index)
+    new_index: dict[str, dict] = {}
+    rows, detected, t0 = [], 0, time.perf_counter()
+    unbatched: list[str] = []
+    for key in sorted(sources):
+        manifest_path = layout.manifest(key)
+        not_read = (outside or {}).get(key, "")
+        identity = {"file": file_identity(sources[key]), "detector": detector, "overrides": overrides,
+                    "outside": not_read, "manifest_ns": mtime_ns(manifest_path)}
+        entry = index.get(key) or {}
+        unchanged = entry.get("manifest_ns") is not None and {k: entry.get(k) for k in identity} == identity
+        if unchanged:
+            status = entry["status"]  # unchanged file and manifest: not even the YAML is read
+        else:
+            record = _still_current(manifest_path, sources[key], identity)
+            unchanged = record is not None  # the same bytes (a chmod moves ctime only)
+            if record is None:
+                record = write_manifest(sources[key], relative_paths[key], manifest_path, seconds, memory_mb, overrides,
+                                        not_read)
+                detected += 1
+            status = record.get("status", "unknown")
+            identity["manifest_ns"] = mtime_ns(manifest_path)
+        new_index[key] = {**identity, "status": status}
+        if status == "to_convert":
+            # A file keeps its batch while it is unchanged and its record is there; one whose
+            # record was deleted (to retry it) or never written gets a new batch.
+            if unchanged and entry.get("batch") and os.path.exists(layout.check(key)):
+                new_index[key]["batch"] = entry["batch"]
+            else:
+                unbatched.append(key)
+        rows.append(key)
+    for start in range(0, len(unbatched), max(1, conversions_per_job)):
+        members = unbatched[start:start + max(1, conversions_per_job)]
+        # Named by what it holds, so that planning again with nothing changed gives the same
+        # batches; the files' staged records are part of it, so that a retried file (its record
+        # deleted, its last attempt staged) never lands in the finished batch it was in.
+        batch_id = "b" + hashlib.sha256(json.dumps(
+            [[key, new_index[key]["file"], mtime_ns(layout.staged(key))]
+             for key in members]).encode()).hexdigest()[:12]
+        for key in members:
+            new_index[key]["batch"] = batch_id
+    atomic_write_text(layout.manifest_index, json.dumps(new_index))
+    log.info("detected %d file(s), reused %d manifest(s) in %.1f s; %d new or changed file(s) to convert",
+             detected, len(rows) - detected, time.perf_counter() - t0, len(unbatched))
+    buf = io.StringIO()
+    writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
+    writer.writerow(PLAN_HEADER)
+    for key in rows:
+        entry = new_index[key]
+        source = os.fsencode(os.path.abspath(sources[key])).hex() if entry.get("batch") else ""
+        writer.writerow((key, entry["status"], entry.get("batch", ""), source))
+    atomic_write_text(layout.plan, buf.getvalue())
+    return [key for key in rows if new_index[key]["status"] == "to_convert"]
+
+
+def read_plan(plan_path: str) -> list[tuple[str, str]]:
+    """(key, status) of every checkpoint in the plan."""
+    return [(row["key"], row["status"]) for row in _plan_rows(plan_path)]
+
+
+def read_batches(plan_path: str) -> dict[str, dict[str, str]]:
+    """{batch id: {key: source path}} of the small files the plan says to convert."""
+    batches: dict[str, dict[str, str]] = {}
+    for row in _plan_rows(plan_path):
+        if row["batch"]:
+            batches.setdefault(row["batch"], {})[row["key"]] = os.fsdecode(bytes.fromhex(row["source"]))
+    return batches
+
+
+def _plan_rows(plan_path: str) -> list[dict[str, str]]:
+    with open(plan_path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t")
+        next(reader, None)
+        return [dict(zip(PLAN_HEADER, row)) for row in reader if len(row) == len(PLAN_HEADER)]

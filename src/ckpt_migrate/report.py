@@ -1,0 +1,218 @@
+"""The report: one row per matched checkpoint from its manifest and check record (cached by what
+each row was read from), also after a failed run; the gate and the summary.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+import sys
+from typing import Any, Iterable
+
+
+from .atomic import atomic_write_text
+from .detect import ManifestRecord
+from .isolate import display_path
+from .metrics import CHECK_FIELDS
+from .layout import OutputLayout
+from .plan import read_plan
+from .records import mtime_ns, read_index, seconds_of_iso, file_identity, iso_utc, read_yaml
+from .slurm import unfinished_conversion_reason
+
+log = logging.getLogger(__name__)
+
+
+REPORT_COLUMNS = (
+    "path", "relative_path", "lang_pair", "run", "step", "format", "variant", "reason", "num_layers",
+    "model_dim", "num_heads", "vocab_size", "padded_vocab", "params", "size_bytes", "mtime", "status",
+    "converted_path", "converted_sha256", *CHECK_FIELDS, "direct_load_ok",
+    "long_window_blocks", "window_source", "eot_token", "eot_token_source", "num_iterations", "num_iterations_source",
+    "forward_source", "notes", "pickle_objects", "realpath",
+)
+
+
+NEEDS_A_PERSON = ("failed", "unknown", "unsafe", "unreadable")
+
+
+_RUN_DIR = re.compile(r"^(?P<lang>.+?)_owt_run_(?P<run>[^/]+)$")
+
+
+def check_gate(report_path: str, flag_path: str, allow_check_failures: bool) -> None:
+    """Write ``flag_path`` unless a conversion failed its check and that is not allowed."""
+    failed = [r for r in read_report(report_path) if r["status"] == "failed"]
+    if failed and not allow_check_failures:
+        names = ", ".join(r["relative_path"] for r in failed[:5]) + (" ..." if len(failed) > 5 else "")
+        message = (f"{len(failed)} checkpoint(s) failed conversion or its check: {names} "
+                   f"(see {report_path}; set allow_check_failures: true to accept)")
+        print(message, file=sys.__stderr__)  # the console, not only the job log
+        raise SystemExit(message)
+    atomic_write_text(flag_path, f"{len(failed)} failed, allowed={allow_check_failures}\n")
+
+
+def lang_and_run(relative_path: str) -> tuple[str, str]:
+    """``eng_spa_owt_run_3/best_state_800`` -> ("eng_spa", "3"); ("", "") when the folder is named otherwise."""
+    folder = relative_path.replace(os.sep, "/").split("/")[0]
+    match = _RUN_DIR.match(folder)
+    return (match.group("lang"), match.group("run")) if match else ("", "")
+
+
+def report_row(manifest: ManifestRecord, check: dict | None) -> dict:
+    """One report row from a manifest and, for small files, its check record."""
+    rel = manifest.get("relative_path", "")
+    lang, run = lang_and_run(rel)
+    row = {key: manifest.get(key, "") for key in REPORT_COLUMNS}
+    row.update(relative_path=rel, lang_pair=lang, run=run, mtime=iso_utc(manifest.get("mtime")),
+               direct_load_ok=(manifest.get("direct_load") or {}).get("ok", ""),
+               pickle_objects=" ".join(manifest.get("pickle_objects") or []),
+               notes="; ".join(manifest.get("notes") or []))
+    status = manifest.get("status") or "unknown"
+    if status == "to_convert":
+        if check is None:
+            status, row["reason"] = "failed", "conversion did not run (no check record)"
+        else:
+            status = check.get("status", "failed")
+            row["reason"] = check.get("reason", "")
+            for key in CHECK_FIELDS:
+                row[key] = check.get(key, "")
+            if status == "converted":
+                row["converted_path"] = check.get("converted_path", "")
+                row["converted_sha256"] = check.get("sha256", "")
+    row["status"] = status
+    return row
+
+
+def write_report(layout: OutputLayout) -> list[dict]:
+    """``report.csv``: one row per checkpoint in the plan, from its manifest and, for small files, its check record.
+
+    A row whose manifest and check record are the very files (same size, mtime and inode) it was made
+    from last time is taken from the report's own index instead of reading them again: with
+    10,000 files, reading every manifest is most of a rerun's time."""
+    from .fingerprint import report_fingerprint
+
+    version = report_fingerprint()  # rows made by other report code are made again
+    index = read_index(layout.report_index)
+    index = index.get("rows", {}) if index.get("version") == version else {}
+    new_index: dict[str, dict] = {}
+    rows = []
+    for key, status in read_plan(layout.plan):
+        manifest_path, check_path = layout.manifest(key), layout.check(key)
+        stamp = [file_identity(manifest_path), file_identity(check_path) if status == "to_convert" else None]
+        entry = index.get(key)
+        if entry is not None and entry.get("stamp") == stamp and stamp[0] is not None:
+            row = entry["row"]
+        else:
+            manifest = read_yaml(manifest_path)
+            check = read_yaml(check_path) if stamp[1] is not None else None
+            row = report_row(manifest, check)
+        new_index[key] = {"stamp": stamp, "row": row}
+        rows.append(row)
+    rows.sort(key=lambda r: r["relative_path"])
+    _write_rows(rows, layout.report)
+    atomic_write_text(layout.report_index, json.dumps({"version": version, "rows": new_index}))
+    return rows
+
+
+def _write_rows(rows: list[dict], report_path: str) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=REPORT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: spreadsheet_safe(v) for k, v in row.items()} for row in rows)
+    atomic_write_text(report_path, buf.getvalue())
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A cell a spreadsheet shows as text: a string starting with = + - @, tab or carriage return
+    (a run folder named ``=WEBSERVICE(...)_owt_run_1``) gets a leading apostrophe, as OWASP
+    advises; numbers (-0.5) stay numbers."""
+    if not isinstance(value, str) or not value.startswith(_FORMULA_START):
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
+
+
+def report_after_failure(layout: OutputLayout, relative_paths: dict[str, str]) -> list[dict]:
+    """The report of a run that stopped on a failed job: every checkpoint still gets its row.
+
+    A file whose detection or conversion did not finish is ``failed``, with what is known of
+    why (the SLURM job's state, the log to read); the next run redoes only those."""
+    rows, inputs = [], [layout.plan]
+    for key, rel in sorted(relative_paths.items(), key=lambda kv: kv[1]):
+        manifest_path, check_path = layout.manifest(key), layout.check(key)
+        inputs += [manifest_path, check_path, layout.staged(key)]
+        if os.path.exists(manifest_path):
+            manifest = read_yaml(manifest_path)
+        else:
+            manifest = {"relative_path": display_path(rel), "status": "failed", "format": "",
+                        "reason": f"detection did not finish (log: {layout.plan_log})"}
+        check = None
+        if manifest.get("status") == "to_convert":
+            # A file its conversion job finished before the failure has its record in staged/.
+            staged = layout.staged(key)
+            newest = max((p for p in (check_path, staged) if os.path.exists(p)), key=mtime_ns, default=None)
+            check = read_yaml(newest) if newest else {
+                "status": "failed", "reason": unfinished_conversion_reason(layout, key)}
+        rows.append(report_row(manifest, check))
+    _write_rows(rows, layout.report)
+    # Dated just before its oldest input, so that Snakemake sees it as out of date and the
+    # next run writes the complete report (a current date would make it look finished).
+    mtimes = [os.stat(p).st_mtime for p in inputs if os.path.exists(p)]
+    if mtimes:
+        os.utime(layout.report, (min(mtimes) - 1, min(mtimes) - 1))
+    return rows
+
+
+def summarize(rows: Iterable[dict]) -> str:
+    """Counts per status and per language pair, and the files that need a person."""
+    rows = list(rows)
+    by_status: dict[str, int] = {}
+    by_lang: dict[str, dict[str, int]] = {}
+    for row in rows:
+        by_status[row["status"]] = by_status.get(row["status"], 0) + 1
+        lang = by_lang.setdefault(row["lang_pair"] or "(other)", {})
+        lang[row["status"]] = lang.get(row["status"], 0) + 1
+    if not rows:
+        return "0 checkpoints: the glob matched nothing under input_root (check input_root and glob)"
+    lines = [f"{len(rows)} checkpoints: " + ", ".join(f"{n} {s}" for s, n in sorted(by_status.items()))]
+    for lang, counts in sorted(by_lang.items()):
+        lines.append(f"  {lang}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    attention = [r for r in rows if r["status"] in NEEDS_A_PERSON]
+    if attention:
+        lines.append("needs a person:")
+        lines += [f"  {r['status']}: {r['relative_path']}: {r['reason']}{_still_writing(r)}" for r in attention]
+    return "\n".join(lines)
+
+
+RECENT_WRITE_S = 15 * 60  # an unreadable file modified this recently is probably still being saved
+
+
+def _still_writing(row: dict) -> str:
+    import time
+
+    try:
+        age = time.time() - seconds_of_iso(row.get("mtime") or "")
+    except ValueError:
+        return ""
+    not_a_file = "not a file" in row.get("reason", "")
+    if row["status"] == "unreadable" and not not_a_file and 0 <= age < RECENT_WRITE_S:
+        return f" (modified {age:.0f} s ago: probably still being written; the next run picks it up)"
+    return ""
+
+
+def read_report(report_path: str) -> list[dict]:
+    """The rows of a report.csv; ValueError naming the file if it is damaged."""
+    try:
+        with open(report_path, encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{display_path(report_path)} is damaged ({exc}); rerun the pipeline to write it "
+                         f"again") from None
