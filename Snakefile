@@ -15,7 +15,7 @@ wildcard_constraints:
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/detect.smk"
+include: "workflow/rules/plan.smk"
 include: "workflow/rules/convert.smk"
 include: "workflow/rules/report.smk"
 

@@ -21,7 +21,7 @@ Python process, timed from the parent. Columns:
   (first and last: it must not grow with N).
 
 ``--write-runs R`` also times the converted file's write alone: ``PendingFile.write_with``
-(``converted.save`` through the sha256 writer, then fsync) against a plain sequential write plus fsync of
+(``converted_format.save`` through the sha256 writer, then fsync) against a plain sequential write plus fsync of
 the same bytes from memory on the same disk, alternating, R runs each (target: <= 1.3x).
 """
 
@@ -74,10 +74,10 @@ WRITE_CHILD = r"""
 import json, os, statistics, sys, time
 import torch
 from ckpt_migrate.atomic import PendingFile
-from ckpt_migrate.convert import convert_state_dict
+from ckpt_migrate.key_mapping import convert_state_dict
 from ckpt_migrate.families import GPTConfig
-from ckpt_migrate.converted import payload as converted_payload, save as converted_save
-from ckpt_migrate.conversion import load_source
+from ckpt_migrate.converted_format import payload as converted_payload, save as converted_save
+from ckpt_migrate.one_file import load_source
 src, work, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 record, checkpoint, small = load_source(src, None)
 cfg = GPTConfig.from_record(record)

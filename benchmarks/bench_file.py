@@ -13,7 +13,7 @@ in the same (warm) state; medians of ``--runs``.
 naive detect:  torch.load(weights_only=True) of the whole file, then list the model's keys.
 naive convert: the lab's helper loop: torch.load of everything (optimizer state included), build
                the small model, build GPTBatched, copy the weights across, torch.save.
-ours:          ckpt_migrate.detect.detect / ckpt_migrate.conversion.convert_file (with its logit check).
+ours:          ckpt_migrate.detect.detect / ckpt_migrate.one_file.convert_file (with its logit check).
 floor:         dd reading the model-weight bytes of the source plus dd copying the output file to a
                new file with fsync: what the disk needs at least.
 """
@@ -49,12 +49,12 @@ CHILDREN = {
                     "assert r['format'] == 'small'\n"),
     "naive_detect": ("import torch\nobj = torch.load(PATH, map_location='cpu', weights_only=True)\n"
                      "keys = [k.replace('_orig_mod.', '') for k in obj['model']]\nassert 'lm_head.weight' in keys\n"),
-    "ours_convert": ("from ckpt_migrate.check import CheckSettings\nfrom ckpt_migrate.conversion import convert_file\n"
+    "ours_convert": ("from ckpt_migrate.check import CheckSettings\nfrom ckpt_migrate.one_file import convert_file\n"
                      "r = convert_file(PATH, OUT, CheckSettings(batch=BATCH, length=LENGTH, device='cpu'))\n"
                      "assert r['status'] == 'converted', r\n"),
     "naive_convert": (
         "import torch\n"
-        "from ckpt_migrate.convert import convert_state_dict\n"
+        "from ckpt_migrate.key_mapping import convert_state_dict\n"
         "from ckpt_migrate.detect import detect, strip_prefixes\nfrom ckpt_migrate.families import GPTConfig\n"
         "from ckpt_migrate.models import GPTBatched, GPTFlexAttention\n"
         "obj = torch.load(PATH, map_location='cpu', weights_only=True)\n"

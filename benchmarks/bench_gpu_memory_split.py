@@ -77,7 +77,7 @@ def main() -> int:
         step("flex attention (eager)")
     from ckpt_migrate import synthetic
     from ckpt_migrate.check import CheckSettings
-    from ckpt_migrate.conversion import convert_file
+    from ckpt_migrate.one_file import convert_file
     from ckpt_migrate.detect import detect
 
     os.makedirs(a.work, exist_ok=True)

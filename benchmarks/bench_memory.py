@@ -27,7 +27,7 @@ def anon_kib():
         return next(int(l.split()[1]) for l in f if l.startswith("RssAnon:"))
 import torch
 from ckpt_migrate.check import CheckSettings
-from ckpt_migrate.conversion import convert_file
+from ckpt_migrate.one_file import convert_file
 peak, stop = [0], threading.Event()
 def sample():
     while not stop.is_set():

@@ -1,7 +1,7 @@
 """Where the converted file's write spends its time (issue 12): the same payload written as raw
 bytes, by torch.save to a buffered file object, by torch.save to a path (torch's own C++ writer),
 through PendingFile.write_with with torch.save into the hashing writer (torch computing the
-zip's CRCs: the write before zip_crc), and as the pipeline writes it now (converted.save: the
+zip's CRCs: the write before zip_crc), and as the pipeline writes it now (converted_format.save: the
 CRCs computed on a pool beside the write), each with fsync.
 
     PYTHONPATH=src python3 benchmarks/bench_write_paths.py --dir /tmp/bench --work /tmp/bw --runs 5
@@ -11,9 +11,9 @@ import argparse, json, os, statistics, sys, time
 import torch
 
 from ckpt_migrate.atomic import PendingFile
-from ckpt_migrate.convert import convert_state_dict
-from ckpt_migrate.converted import payload as converted_payload, save as converted_save
-from ckpt_migrate.conversion import load_source
+from ckpt_migrate.key_mapping import convert_state_dict
+from ckpt_migrate.converted_format import payload as converted_payload, save as converted_save
+from ckpt_migrate.one_file import load_source
 from ckpt_migrate.families import GPTConfig
 from results_file import save_result
 

@@ -26,9 +26,9 @@ import json, sys, time
 t0 = time.perf_counter()
 import torch
 from ckpt_migrate.check import CheckSettings
-from ckpt_migrate.conversion import convert_file, load_source, reference_model, build_model
+from ckpt_migrate.one_file import convert_file, load_source, reference_model, build_model
 from ckpt_migrate.models import GPTBatched
-from ckpt_migrate.convert import convert_state_dict
+from ckpt_migrate.key_mapping import convert_state_dict
 from ckpt_migrate.families import GPTConfig
 from ckpt_migrate.check import random_tokens, no_tf32
 torch.cuda.init()

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from ckpt_migrate import synthetic  # noqa: E402
 from ckpt_migrate.check import CheckSettings, no_tf32  # noqa: E402
-from ckpt_migrate.conversion import check_file, load_source, reference_model  # noqa: E402
+from ckpt_migrate.one_file import check_file, load_source, reference_model  # noqa: E402
 
 VOCAB = 50257
 SIZES = {"small": dict(num_layers=12, num_heads=6, model_dim=768), "medium": dict(num_layers=16, num_heads=8, model_dim=1024)}

@@ -3,7 +3,7 @@
     PYTHONPATH=src python3 benchmarks/gpu_written_file.py --dir /tmp/bench --work /tmp/gwf --out result.json
 
 On a GPU host the tensors a conversion builds (qkvo_w, scalars) live on the GPU and are written
-from there, recorded as CPU storages (`converted.save`). This converts the full-size small file
+from there, recorded as CPU storages (`converted_format.save`). This converts the full-size small file
 that `bench_file.py make` wrote once with the check on cuda and once in a process that sees no
 GPU, then, in a process that sees no GPU: loads the GPU-written file with a plain
 `torch.load(weights_only=True)` (no map_location), compares every tensor with the CPU-written
@@ -24,7 +24,7 @@ from results_file import print_and_save
 CONVERT = r"""
 import json, sys
 from ckpt_migrate.check import CheckSettings
-from ckpt_migrate.conversion import convert_file
+from ckpt_migrate.one_file import convert_file
 r = convert_file(sys.argv[1], sys.argv[2], CheckSettings(length=256, device=sys.argv[3]))
 print(json.dumps({k: r.get(k) for k in ("status", "reason", "check_device", "max_abs_logit_diff", "sha256")}))
 """

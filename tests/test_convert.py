@@ -12,9 +12,9 @@ import torch
 
 from ckpt_migrate import load_pretrained_checkpoint, synthetic
 from ckpt_migrate.check import CheckSettings
-from ckpt_migrate.convert import ConversionError, UnmappedKeyError, convert_state_dict
+from ckpt_migrate.key_mapping import ConversionError, UnmappedKeyError, convert_state_dict
 from ckpt_migrate.families import GPTConfig
-from ckpt_migrate.conversion import build_model, check_file, convert_file, load_source, reference_model
+from ckpt_migrate.one_file import build_model, check_file, convert_file, load_source, reference_model
 from ckpt_migrate.models import GPTBatched
 from ckpt_migrate.check import logit_check
 
@@ -155,8 +155,8 @@ def _rows_the_check_never_reads(vocab_size: int, settings: CheckSettings) -> lis
     ("lm_head.weight", float("inf"), "(0 NaN, 1 Inf)"),  # the soft-cap turns its logits finite
 ])
 def test_non_finite_weights_the_logit_check_cannot_see_fail_the_conversion(tmp_path, monkeypatch, key, value, counts):
-    from ckpt_migrate import conversion
-    from ckpt_migrate.convert import NonFiniteWeightsError
+    from ckpt_migrate import one_file as conversion
+    from ckpt_migrate.key_mapping import NonFiniteWeightsError
 
     from .builders import poisoned_small_checkpoint
 
@@ -183,8 +183,8 @@ def test_non_finite_weights_the_logit_check_cannot_see_fail_the_conversion(tmp_p
 def test_every_element_of_every_float_tensor_is_tested(monkeypatch):
     """In chunks (here of 7 elements), through strided views, in float8 (no isfinite kernel), 0-d
     tensors too; integer tensors cannot hold a NaN. The first tensor is named with its counts."""
-    from ckpt_migrate import convert
-    from ckpt_migrate.convert import NonFiniteWeightsError, check_finite
+    from ckpt_migrate import key_mapping as convert
+    from ckpt_migrate.key_mapping import NonFiniteWeightsError, check_finite
 
     monkeypatch.setattr(convert, "FINITE_CHUNK_ELEMENTS", 7)
     strided = torch.zeros(40, 30).T
@@ -204,7 +204,7 @@ def test_every_element_of_every_float_tensor_is_tested(monkeypatch):
 
 
 def test_failed_write_leaves_nothing_at_the_final_path(small_v2_path, tmp_path, monkeypatch):
-    import ckpt_migrate.conversion as conversion
+    import ckpt_migrate.one_file as conversion
 
     def broken_save(obj, f):
         f.write(b"PK\x03\x04 partial")
@@ -225,7 +225,7 @@ def test_a_conversion_and_check_leave_torch_compile_machinery_unloaded(small_v2_
     """The reference forward writes its attention out instead of running eager flex, which loads
     dynamo and inductor: ~0.45x a full-size file's weights in host memory on a GPU host
     (benchmarks/RESULTS.md). A conversion of a small file and a check of a medium one load neither."""
-    code = ("import sys; from ckpt_migrate.conversion import convert_file, check_file; "
+    code = ("import sys; from ckpt_migrate.one_file import convert_file, check_file; "
             "from ckpt_migrate.check import CheckSettings; s = CheckSettings(length=256); "
             f"print(convert_file({small_v2_path!r}, {str(tmp_path / 'c.pt')!r}, s)['status'], "
             f"check_file({medium_path!r}, s)['check_passed'], "

@@ -138,7 +138,7 @@ def test_every_manifest_key_is_declared_with_its_type(small_v1_path, small_v2_pa
     import typing
 
     from ckpt_migrate.check import CheckSettings
-    from ckpt_migrate.conversion import convert_file
+    from ckpt_migrate.one_file import convert_file
     from ckpt_migrate.detect import ManifestRecord
     from ckpt_migrate.pipeline import read_yaml, write_manifest
 

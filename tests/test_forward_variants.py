@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ckpt_migrate import load_pretrained_checkpoint, synthetic
 from ckpt_migrate.check import CheckSettings
-from ckpt_migrate.conversion import build_model, convert_file
+from ckpt_migrate.one_file import build_model, convert_file
 from ckpt_migrate.detect import detect
 from ckpt_migrate.models import GPTBatched
 

@@ -24,7 +24,7 @@ from ckpt_migrate.check import CheckSettings
 from ckpt_migrate.detect import detect, record_from_inspection
 from ckpt_migrate.isolate import detect_isolated
 from ckpt_migrate.loader import open_checkpoint
-from ckpt_migrate.conversion import convert_file, load_pretrained_checkpoint
+from ckpt_migrate.one_file import convert_file, load_pretrained_checkpoint
 from ckpt_migrate.safe_pickle import ReaderLimits, inspect_archive, inspect_file
 
 from .builders import Call, OverridingDict

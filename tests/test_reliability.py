@@ -20,7 +20,7 @@ import torch
 
 from ckpt_migrate import synthetic
 from ckpt_migrate.check import CheckSettings
-from ckpt_migrate.conversion import convert_file
+from ckpt_migrate.one_file import convert_file
 from ckpt_migrate.pipeline import read_report, verify_outputs
 
 from .builders import Call, ImportedConfig, OverridingDict, TrainConfig, altered_small_checkpoint
@@ -450,7 +450,7 @@ def test_output_filesystem_full(tmp_path):
 
 
 def test_source_replaced_while_being_converted(tmp_path, monkeypatch):
-    import ckpt_migrate.conversion as conversion
+    import ckpt_migrate.one_file as conversion
 
     src, dst = str(tmp_path / "best_state_100.pt"), str(tmp_path / "out.pt")
     _small_ckpt()(src)

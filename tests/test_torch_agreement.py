@@ -2,7 +2,7 @@
 the project's own path (convert_file: our reader, our memory map, our conversion, our writer),
 and the converted file's weights, as ``torch.load(weights_only=True)`` reads them, must equal
 bit for bit the source's weights as ``torch.load(weights_only=True, mmap=True)`` reads them,
-mapped through the conversion key table (:data:`ckpt_migrate.convert.KEY_MAP`). (torch 2.13's
+mapped through the conversion key table (:data:`ckpt_migrate.key_mapping.KEY_MAP`). (torch 2.13's
 weights-only loader refuses pickle protocols 1, 4 and 5, which the project converts: those
 sources are read with weights_only=False; see REFUSED_BY_TORCH_WEIGHTS_ONLY.)
 
@@ -26,8 +26,8 @@ import pytest
 import torch
 
 from ckpt_migrate.check import CheckSettings
-from ckpt_migrate.conversion import convert_file
-from ckpt_migrate.convert import KEY_MAP
+from ckpt_migrate.one_file import convert_file
+from ckpt_migrate.key_mapping import KEY_MAP
 from ckpt_migrate.families import ScalarLayout
 
 from .builders import CONVERTED_KINDS

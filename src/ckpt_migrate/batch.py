@@ -15,7 +15,7 @@ from .isolate import display_path
 from .safe_pickle import one_line
 from .layout import OutputLayout
 from .plan import read_batches
-from .records import mtime_ns, file_identity, identity_change, job_environment, read_yaml, write_yaml
+from .records import LOG_FORMAT, mtime_ns, file_identity, identity_change, job_environment, read_yaml, write_yaml
 from .slurm import unfinished_conversion_reason
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def run_conversion(src: str, manifest_path: str, converted_path: str, check_path
                                   "log": log_path or "", "attempts": attempts})
     from .check import CheckSettings
     from .fingerprint import converter_fingerprint
-    from .conversion import convert_file
+    from .one_file import convert_file
 
     manifest = read_yaml(manifest_path)
     settings = CheckSettings(**check_settings)
@@ -181,7 +181,7 @@ def _given_up(layout: OutputLayout, key: str, src: str, kills: int) -> dict:
 def _file_log(path: str) -> logging.Handler:
     """Log records to ``path`` too (a file's own log, beside the job's), from now until removed."""
     handler = logging.StreamHandler(open_log(path))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
     if root.level > logging.INFO or root.level == logging.NOTSET:

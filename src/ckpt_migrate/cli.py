@@ -14,7 +14,8 @@ import sys
 from dataclasses import asdict, fields
 
 from .check_settings import CheckDeviceError, CheckSettings
-from .converted import FORMAT as CONVERTED_FORMAT
+from .records import LOG_FORMAT
+from .converted_format import FORMAT as CONVERTED_FORMAT
 from .detect import FORMAT_LABELS
 from .isolate import DEFAULT_MEMORY_MB, DEFAULT_SECONDS, detect_isolated
 from .metrics import CHECK_FIELDS
@@ -83,7 +84,7 @@ def _print_check(result: dict) -> None:
 
 
 def cmd_convert(args) -> int:
-    from .conversion import convert_file
+    from .one_file import convert_file
 
     result = convert_file(args.src, args.dst, _settings(args), _overrides(args))
     print(f"{args.src} -> {args.dst}: {result['status']}")
@@ -92,8 +93,8 @@ def cmd_convert(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .convert import ConversionError
-    from .conversion import CheckpointError, check_file
+    from .key_mapping import ConversionError
+    from .one_file import CheckpointError, check_file
 
     try:
         result = check_file(args.path, _settings(args), source=args.source)
@@ -225,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=LOG_FORMAT)
     try:
         return args.func(args)
     except Exception as exc:  # bad input (a damaged record, a missing folder): one line, never a traceback

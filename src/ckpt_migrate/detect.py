@@ -13,7 +13,7 @@ import os
 import re
 from typing import Any, TypedDict
 
-from . import converted
+from . import converted_format as converted
 from .families import (
     EOT_TOKEN,
     FAMILIES,

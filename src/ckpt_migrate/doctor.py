@@ -25,7 +25,6 @@ import yaml
 # The rule of the conversion jobs, and what it asks for when the profile does not say
 # (workflow/rules/convert.smk; its runtime grows with the files per job, see conversion_request).
 CONVERT_RULE = "convert_batch"
-RULE_CONVERT_RESOURCES = {"mem_mb": 16000, "cpus_per_task": 4, "gpu": 1}
 NODE_LOCAL = ("/tmp", "/dev/shm", "/var/tmp", "/run")
 PROBE_CODE = r"""
 import json, socket, time
@@ -74,11 +73,12 @@ def load_config(configfile: str, overrides: list[str]) -> dict:
 
 def conversion_request(profile: dict, config: dict | None = None) -> dict:
     """The resources one conversion job (a full batch) asks SLURM for, with this profile and config."""
-    from .plan import DEFAULT_CONVERSIONS_PER_JOB, batch_minutes
+    from .plan import CONVERT_JOB_RESOURCES, DEFAULT_CONVERSIONS_PER_JOB, batch_minutes
 
     per_job = int((config or {}).get("conversions_per_job") or DEFAULT_CONVERSIONS_PER_JOB)
-    request = {**RULE_CONVERT_RESOURCES, **(profile.get("default-resources") or {}),
-               "runtime": batch_minutes(per_job),  # the rule's own runtime wins over the default
+    # Snakemake's precedence: default-resources, then the rule's own, then set-resources.
+    request = {**(profile.get("default-resources") or {}), **CONVERT_JOB_RESOURCES,
+               "runtime": batch_minutes(per_job),
                **((profile.get("set-resources") or {}).get(CONVERT_RULE) or {})}
     request["gpu"] = (profile.get("resources") or {}).get("gpu", request["gpu"])
     return request

@@ -28,7 +28,7 @@ def next_multiple(value: float, n: int) -> int:
     return max(1, math.ceil(value / n)) * n
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Family:
     """What distinguishes one training script's model."""
 
@@ -48,9 +48,11 @@ class Family:
         return f"{self.name} (from {self.script})"
 
 
-SMALL = Family("small", "train_gpt_small.py", 12, (0, 4, 7, 11), 14, True, False, None, "sigmoid30_width")
-MEDIUM = Family("medium", "train_gpt_medium.py", 16, (0, 4, 11, 15), 27, False, True,
-                {9: 6, 10: 4, 11: 2}, "rsqrt15")
+SMALL = Family(name="small", script="train_gpt_small.py", num_layers=12, long_window_layers=(0, 4, 7, 11),
+               final_window_blocks=14, norm_attn_input=True, norm_v=False, skip_map=None, softcap="sigmoid30_width")
+MEDIUM = Family(name="medium", script="train_gpt_medium.py", num_layers=16, long_window_layers=(0, 4, 11, 15),
+                final_window_blocks=27, norm_attn_input=False, norm_v=True, skip_map={9: 6, 10: 4, 11: 2},
+                softcap="rsqrt15")
 FAMILIES = {f.name: f for f in (SMALL, MEDIUM)}
 
 

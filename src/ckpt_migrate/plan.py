@@ -14,7 +14,7 @@ import time
 
 import yaml
 
-from . import __version__
+from .version import __version__
 from .atomic import atomic_write_text
 from .detect import ManifestRecord
 from .isolate import DEFAULT_MEMORY_MB, DEFAULT_SECONDS, detect_isolated, display_path
@@ -31,6 +31,10 @@ PLAN_HEADER = ("key", "status", "batch", "source")
 
 
 DEFAULT_CONVERSIONS_PER_JOB = 8
+# What one conversion job asks for, in one place: the rule requests it, `doctor` checks a node
+# fits it. Memory for one full 2 GB checkpoint at a time (its weights memory-mapped, its optimizer
+# state never read) with ample headroom; CPUs to read and write it.
+CONVERT_JOB_RESOURCES = {"cpus_per_task": 4, "mem_mb": 32000, "gpu": 1}
 
 
 def batch_minutes(files: int) -> int:
@@ -60,7 +64,8 @@ def write_manifest(src: str, relative_path: str, manifest_path: str, seconds: fl
         record = record_from_inspection(src, ArchiveInspection("unreadable", not_read_because), overrides)
     else:
         record = detect_isolated(src, seconds, memory_mb, overrides)
-    record = {**record, "source_identity": identity, "not_read_because": not_read_because, "relative_path": display_path(relative_path), "detector_version": __version__,
+    record = {**record, "source_identity": identity, "not_read_because": not_read_because,
+              "relative_path": display_path(relative_path), "detector_version": __version__,
               "detector_fingerprint": detector_fingerprint(), "overrides": dict(overrides or {}),
               "detected_on": job_environment()}
     write_yaml(manifest_path, record)

@@ -20,11 +20,14 @@ from .isolate import display_path
 log = logging.getLogger(__name__)
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # every log this package writes
+
+
 def job_logging(log_path: str) -> None:
     """Send this job's stderr and log records to its Snakemake log file."""
     sys.stderr = open_log(log_path, append=True)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=LOG_FORMAT)
 
 
 # libyaml's loader and dumper where PyYAML has them: the plan and report read every manifest,

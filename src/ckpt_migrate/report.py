@@ -4,8 +4,6 @@ each row was read from), also after a failed run; the gate and the summary.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
@@ -117,11 +115,11 @@ def write_report(layout: OutputLayout) -> list[dict]:
 
 
 def _write_rows(rows: list[dict], report_path: str) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=REPORT_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: spreadsheet_safe(v) for k, v in row.items()} for row in rows)
-    atomic_write_text(report_path, buf.getvalue())
+    import pandas as pd
+
+    # dtype=object: each cell as its row has it (an int stays 768, a missing value is empty).
+    table = pd.DataFrame(rows, columns=list(REPORT_COLUMNS), dtype=object).map(spreadsheet_safe)
+    atomic_write_text(report_path, table.to_csv(index=False, lineterminator="\n"))
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -171,20 +169,24 @@ def report_after_failure(layout: OutputLayout, relative_paths: dict[str, str]) -
     return rows
 
 
+def status_counts(rows: Iterable[dict]):
+    """(counts per status, counts per language pair and status) of report rows, as pandas Series."""
+    import pandas as pd
+
+    table = pd.DataFrame(list(rows), columns=["status", "lang_pair"]).fillna("")
+    table["lang_pair"] = table["lang_pair"].replace("", "(other)")
+    return table["status"].value_counts().sort_index(), table.groupby(["lang_pair", "status"]).size()
+
+
 def summarize(rows: Iterable[dict]) -> str:
     """Counts per status and per language pair, and the files that need a person."""
     rows = list(rows)
-    by_status: dict[str, int] = {}
-    by_lang: dict[str, dict[str, int]] = {}
-    for row in rows:
-        by_status[row["status"]] = by_status.get(row["status"], 0) + 1
-        lang = by_lang.setdefault(row["lang_pair"] or "(other)", {})
-        lang[row["status"]] = lang.get(row["status"], 0) + 1
     if not rows:
         return "0 checkpoints: the glob matched nothing under input_root (check input_root and glob)"
-    lines = [f"{len(rows)} checkpoints: " + ", ".join(f"{n} {s}" for s, n in sorted(by_status.items()))]
-    for lang, counts in sorted(by_lang.items()):
-        lines.append(f"  {lang}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    by_status, by_lang = status_counts(rows)
+    lines = [f"{len(rows)} checkpoints: " + ", ".join(f"{n} {s}" for s, n in by_status.items())]
+    for lang, counts in by_lang.groupby(level="lang_pair"):
+        lines.append(f"  {lang}: " + ", ".join(f"{n} {status}" for (_, status), n in counts.items()))
     attention = [r for r in rows if r["status"] in NEEDS_A_PERSON]
     if attention:
         lines.append("needs a person:")
@@ -210,9 +212,13 @@ def _still_writing(row: dict) -> str:
 
 def read_report(report_path: str) -> list[dict]:
     """The rows of a report.csv; ValueError naming the file if it is damaged."""
+    import pandas as pd
+
     try:
-        with open(report_path, encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
-    except (UnicodeDecodeError, csv.Error) as exc:
+        table = pd.read_csv(report_path, dtype=str, keep_default_na=False, encoding="utf-8")
+        return table.to_dict("records")
+    except pd.errors.EmptyDataError:
+        return []
+    except (UnicodeDecodeError, pd.errors.ParserError) as exc:
         raise ValueError(f"{display_path(report_path)} is damaged ({exc}); rerun the pipeline to write it "
                          f"again") from None

@@ -62,8 +62,8 @@ def verify_outputs(output_root: str, recheck: bool = False, settings: dict | Non
                 continue
             if recheck:
                 from .check_settings import CheckSettings
-                from .conversion import CheckpointError, check_file
-                from .convert import ConversionError
+                from .one_file import CheckpointError, check_file
+                from .key_mapping import ConversionError
 
                 # The source is the one our own record names, not a path read from the converted file.
                 try:

@@ -10,6 +10,7 @@ from snakemake.utils import validate
 from ckpt_migrate import output_lock
 from ckpt_migrate.atomic import remove_temporaries
 from ckpt_migrate.fingerprint import converter_fingerprint, detector_fingerprint
+from ckpt_migrate.plan import CONVERT_JOB_RESOURCES
 from ckpt_migrate.pipeline import (
     OUTPUT_FOLDERS,
     OutputLayout,

@@ -18,10 +18,11 @@ rule convert_batch:
         LAYOUT.benchmark("convert_batch/{batch}")
     conda:
         "../envs/ckpt_migrate.yaml"
-    threads: 4
+    threads: CONVERT_JOB_RESOURCES["cpus_per_task"]
     resources:
-        gpu=1,
-        mem_mb=16000,
+        gpu=CONVERT_JOB_RESOURCES["gpu"],
+        mem_mb=CONVERT_JOB_RESOURCES["mem_mb"],
+        cpus_per_task=CONVERT_JOB_RESOURCES["cpus_per_task"],
         # The profile's runtime for convert_batch, if set, wins over this (Snakemake's precedence).
         runtime=batch_runtime,
     params:

@@ -5,7 +5,7 @@ Every small key must match exactly one row of :data:`KEY_MAP`; an unmatched key 
 copied whole are passed through (no copy, dtype kept); ``qkvo_w`` and ``scalars`` are built
 in the promoted dtype of their sources, so nothing is silently downcast, on the device asked
 for (the check's: on a GPU host the built tensors then never take host memory, see
-:func:`ckpt_migrate.converted.save`).
+:func:`ckpt_migrate.converted_format.save`).
 """
 
 from __future__ import annotations

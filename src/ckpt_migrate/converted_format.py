@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import IO, Any
 
-from . import __version__
+from .version import __version__
 from .families import FAMILIES, MAX_LAYERS, GPTConfig, gptbatched_expected_shapes, shape_differences
 from .fingerprint import converter_fingerprint
 from .safe_pickle import TensorStub, one_line

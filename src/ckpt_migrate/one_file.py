@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from . import converted as converted_format  # "converted" names the converted weights below
+from .version import __version__
+from . import converted_format  # "converted" names the converted weights below
 from .atomic import PendingFile
 from .check import CheckDeviceError, CheckSettings, logit_check
-from .convert import ConversionError, check_finite, convert_state_dict
+from .key_mapping import ConversionError, check_finite, convert_state_dict
 from .detect import ManifestRecord, find_state_dict, record_from_inspection, strip_prefixes
 from .families import FAMILIES, GPTConfig
 from .fingerprint import converter_fingerprint
@@ -239,7 +239,7 @@ def check_file(path: str, settings: CheckSettings | None = None, source: str | N
 
     A converted file is checked against ``source``, the file it was converted from; a path
     recorded inside the converted file is never followed on its own. A weight that holds a NaN
-    or an Inf, in either file, raises :class:`~ckpt_migrate.convert.NonFiniteWeightsError`
+    or an Inf, in either file, raises :class:`~ckpt_migrate.key_mapping.NonFiniteWeightsError`
     naming it, before any forward."""
     settings = settings or CheckSettings()
     record, checkpoint, state_dict = load_source(path)
