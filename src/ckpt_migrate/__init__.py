@@ -3,7 +3,13 @@
 Importing the package is cheap (no torch); the torch-using parts load on first use.
 """
 
-from .version import __version__
+from .version import package_version
+
+
+def __getattr__(name: str):
+    if name == "__version__":  # read when asked for (see version.py)
+        return package_version()
+    raise AttributeError(f"module 'ckpt_migrate' has no attribute {name!r}")
 
 
 def load_pretrained_checkpoint(path, device="cpu", dtype=None):

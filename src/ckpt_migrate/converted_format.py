@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import IO, Any
 
-from .version import __version__
+from .version import package_version
 from .families import FAMILIES, MAX_LAYERS, GPTConfig, gptbatched_expected_shapes, shape_differences
 from .fingerprint import converter_fingerprint
 from .safe_pickle import TensorStub, one_line
@@ -35,7 +35,7 @@ def payload(source: dict, state_dict: dict, cfg: GPTConfig, had_optimizer: bool)
             "format": source["format"],
             "variant": source.get("variant", ""),
         },
-        "converter_version": __version__,
+        "converter_version": package_version(),
         "converter_fingerprint": converter_fingerprint(),
         "optimizer_state": ("not carried (the source has optimizer state)" if had_optimizer
                             else "not carried (the source has none)"),

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .version import __version__
+from .version import package_version
 from . import converted_format  # "converted" names the converted weights below
 from .atomic import PendingFile
 from .check import CheckDeviceError, CheckSettings, logit_check
@@ -108,7 +108,7 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     result: dict[str, Any] = {"source": os.path.abspath(src), "converted_path": dst or "",
-                              "converter_version": __version__, "converter_fingerprint": converter_fingerprint(),
+                              "converter_version": package_version(), "converter_fingerprint": converter_fingerprint(),
                               "status": "failed"}
     try:
         before = _identity(src)

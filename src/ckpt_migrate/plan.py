@@ -14,7 +14,7 @@ import time
 
 import yaml
 
-from .version import __version__
+from .version import package_version
 from .atomic import atomic_write_text
 from .detect import ManifestRecord
 from .isolate import DEFAULT_MEMORY_MB, DEFAULT_SECONDS, detect_isolated, display_path
@@ -65,7 +65,7 @@ def write_manifest(src: str, relative_path: str, manifest_path: str, seconds: fl
     else:
         record = detect_isolated(src, seconds, memory_mb, overrides)
     record = {**record, "source_identity": identity, "not_read_because": not_read_because,
-              "relative_path": display_path(relative_path), "detector_version": __version__,
+              "relative_path": display_path(relative_path), "detector_version": package_version(),
               "detector_fingerprint": detector_fingerprint(), "overrides": dict(overrides or {}),
               "detected_on": job_environment()}
     write_yaml(manifest_path, record)

@@ -12,7 +12,6 @@ import sys
 import time
 from typing import Any
 
-import yaml
 
 from .atomic import atomic_write_text, open_log
 from .isolate import display_path
@@ -32,17 +31,25 @@ def job_logging(log_path: str) -> None:
 
 # libyaml's loader and dumper where PyYAML has them: the plan and report read every manifest,
 # and the pure-Python loader takes ~9 s for a thousand of them.
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+def _yaml_loader():
+    import yaml  # here: a login-node command that only logs need not load it
+
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+def _yaml_dumper():
+    import yaml
+
+    return getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def read_yaml(path: str) -> dict:
     """A record this pipeline wrote; yaml.YAMLError if the file is damaged or holds no mapping."""
+    import yaml
+
     try:
         with open(path, encoding="utf-8") as f:
-            value = yaml.load(f, Loader=_YAML_LOADER) or {}
+            value = yaml.load(f, Loader=_yaml_loader()) or {}
     except UnicodeDecodeError as exc:
         raise yaml.YAMLError(f"{display_path(path)} is not UTF-8 text ({exc.reason})") from None
     if not isinstance(value, dict):
@@ -62,7 +69,9 @@ def _yaml_text(value: Any) -> Any:
 
 
 def write_yaml(path: str, data: dict) -> None:
-    atomic_write_text(path, yaml.dump(_yaml_text(data), Dumper=_YAML_DUMPER, sort_keys=False, allow_unicode=True,
+    import yaml
+
+    atomic_write_text(path, yaml.dump(_yaml_text(data), Dumper=_yaml_dumper(), sort_keys=False, allow_unicode=True,
                                       width=120))
 
 

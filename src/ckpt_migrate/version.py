@@ -1,8 +1,14 @@
-"""The package's version, read once from its installed metadata (``pyproject.toml``)."""
+"""The package's version, read from its installed metadata (``pyproject.toml``) when first asked
+for: importlib.metadata costs ~25 ms, which a login-node command need not pay."""
 
-from importlib.metadata import PackageNotFoundError, version
+import functools
 
-try:
-    __version__ = version("ckpt-migrate")
-except PackageNotFoundError:  # a source tree that is not installed
-    __version__ = "0+unknown"
+
+@functools.lru_cache(maxsize=None)
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ckpt-migrate")
+    except PackageNotFoundError:  # a source tree that is not installed
+        return "0+unknown"
