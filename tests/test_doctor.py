@@ -84,3 +84,20 @@ def test_node_local_output_and_a_missing_tree_fail(slurm_cluster, folders, tmp_p
     assert proc.returncode == 1
     assert any(l.startswith("FAIL") and "is not a readable folder" in l for l in proc.stdout.splitlines())
     assert any(l.startswith("FAIL") and "node-local filesystem (/tmp)" in l for l in proc.stdout.splitlines())
+
+
+def test_output_on_scratch_is_a_warning_and_the_default_partition_is_not_checked(slurm_cluster, folders, tmp_path):
+    """Issue 22: scratch purges files unused for 60 days; the profile's default partition is used
+    by no job (every rule but convert_batch is local), so a missing one is no FAIL."""
+    root, _ = folders
+    scratch_out = os.path.join(os.path.dirname(root), "scratch", "results")
+    profile = _broken_profile(tmp_path)
+    with open(os.path.join(profile, "config.yaml")) as f:
+        settings = yaml.safe_load(f)
+    settings.setdefault("default-resources", {})["slurm_partition"] = "no_such_partition"
+    with open(os.path.join(profile, "config.yaml"), "w") as f:
+        yaml.safe_dump(settings, f)
+    proc = doctor(slurm_cluster, (root, scratch_out), workflow_profile=profile)
+    lines = proc.stdout.splitlines()
+    assert any(l.startswith("warn") and "is on scratch" in l and "/fs/ess/PAS2836" in l for l in lines), proc.stdout
+    assert not any("no_such_partition" in l for l in lines), proc.stdout

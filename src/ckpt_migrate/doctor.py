@@ -130,8 +130,9 @@ def slurm_findings(profile: dict, config: dict | None = None) -> list[Finding]:
         return [Finding("FAIL", "sinfo lists no partitions (is slurmctld reachable?)", "check `sinfo` by hand")]
     found.append(Finding("ok", f"SLURM reachable: partitions {', '.join(sorted(partitions))}"))
     request = conversion_request(profile, config)
-    default_partition = (profile.get("default-resources") or {}).get("slurm_partition")
-    for role, name in (("default", default_partition), ("conversion", request.get("slurm_partition"))):
+    # Only the partition jobs use: every rule but convert_batch is local, so the profile's default
+    # partition is used by none and need not exist.
+    for role, name in (("conversion", request.get("slurm_partition")),):
         if not name:
             continue
         part = partitions.get(name)
@@ -245,6 +246,10 @@ def storage_findings(config: dict) -> list[Finding]:
     if local:
         found.append(Finding("FAIL", f"output_root {out} is on a node-local filesystem ({local})",
                              "use a shared filesystem the GPU nodes also see (scratch or project space)"))
+    if "/scratch/" in out + "/":
+        found.append(Finding("warn", f"output_root {out} is on scratch, where files unused for 60 days are "
+                             f"deleted (OSC's users' guides; confirm for your project): the converted files "
+                             f"would go with them", "use project space, e.g. /fs/ess/PAS2836/<you>/ckpt-migrate"))
     need, how = _bytes_needed(out, matches)
     free = shutil.disk_usage(probe_dir).free
     found.append(Finding("ok" if free >= need else "FAIL",
@@ -256,13 +261,16 @@ def storage_findings(config: dict) -> list[Finding]:
 def _bytes_needed(out: str, matches: list[str]) -> tuple[int, str]:
     """Model-weight bytes of the small files still to convert: from manifests, else file sizes (an upper bound)."""
     from .layout import OutputLayout
+    from .records import read_yaml
 
     manifests: dict[str, dict] = {}
     for folder, _, files in os.walk(OutputLayout(out).manifests_dir):
         for name in files:
             if name.endswith(".yaml") and not name.startswith("."):
-                with open(os.path.join(folder, name)) as f:
-                    record = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
+                try:
+                    record = read_yaml(os.path.join(folder, name))
+                except (OSError, yaml.YAMLError):
+                    continue  # a damaged manifest: the plan detects that file again
                 manifests[record.get("path", "")] = record
     need, estimated = 0, False
     for path in matches:

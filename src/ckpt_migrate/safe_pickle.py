@@ -179,36 +179,47 @@ def _entry_bytes(f, info: zipfile.ZipInfo, file_size: int, limit: int) -> bytes:
     return data
 
 
+_LOCAL_HEADER = b"PK\x03\x04"
+_SCAN_CHUNK = 1 << 24
+
+
+def _local_headers(f, file_size: int, deadline: float):
+    """Offsets of every local-header signature in the file, read in chunks (never mapped whole:
+    the isolated reader's address space is budgeted)."""
+    for base in range(0, file_size, _SCAN_CHUNK):
+        if time.monotonic() > deadline:
+            return
+        f.seek(base)
+        chunk = f.read(_SCAN_CHUNK + len(_LOCAL_HEADER) - 1)
+        hit = chunk.find(_LOCAL_HEADER)
+        while 0 <= hit < _SCAN_CHUNK:
+            yield base + hit
+            hit = chunk.find(_LOCAL_HEADER, hit + 1)
+
+
 def _name_calls_in_local_pickles(f, file_size: int, limits: ReaderLimits, deadline: float) -> None:
     """Read every ``data.pkl`` a local header in the file holds, for a call to name.
 
     For an archive refused as ambiguous or damaged: torch's zip reader may find another
     central directory than Python's zipfile, and its data.pkl is one of these."""
-    try:
-        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        return
-    try:
-        position = data.find(b"PK\x03\x04")
-        for _ in range(limits.max_entries):
-            if position < 0 or position + 30 > file_size:
-                return
-            method, size, _, name_len, extra_len = struct.unpack("<4xH8xIIHH", data[position + 4:position + 30])
-            start = position + 30 + name_len + extra_len
-            name = bytes(data[position + 30:position + 30 + name_len])
-            if name.endswith(b"data.pkl") and method in (0, 8) and 0 < size <= limits.max_pickle_bytes:
-                pickle_bytes = bytes(data[start:start + size])
-                if method == 8:
-                    pickle_bytes = zlib.decompressobj(-15).decompress(pickle_bytes, limits.max_pickle_bytes)
-                try:
-                    PickleMachine(pickle_bytes, limits, deadline, persistent="zip").run()
-                except UnreadableError:
-                    pass
-            position = data.find(b"PK\x03\x04", position + 4)
-    except zlib.error:
-        return
-    finally:
-        data.close()
+    for count, position in enumerate(_local_headers(f, file_size, deadline)):
+        if count >= limits.max_entries:
+            return
+        f.seek(position + 4)
+        header = f.read(26)
+        if len(header) < 26:
+            return
+        method, size, _, name_len, extra_len = struct.unpack("<4xH8xIIHH", header)
+        if not (f.read(name_len).endswith(b"data.pkl") and method in (0, 8) and 0 < size <= limits.max_pickle_bytes):
+            continue
+        f.seek(position + 30 + name_len + extra_len)
+        pickle_bytes = f.read(size)
+        try:
+            if method == 8:
+                pickle_bytes = zlib.decompressobj(-15).decompress(pickle_bytes, limits.max_pickle_bytes)
+            PickleMachine(pickle_bytes, limits, deadline, persistent="zip").run()
+        except (UnreadableError, zlib.error):
+            pass
 
 
 def _inspect_zip(f, file_size: int, limits: ReaderLimits, deadline: float) -> ArchiveInspection:
