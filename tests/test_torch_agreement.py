@@ -27,7 +27,8 @@ import torch
 
 from ckpt_migrate.check import CheckSettings
 from ckpt_migrate.one_file import convert_file
-from ckpt_migrate.key_mapping import KEY_MAP
+from ckpt_migrate.key_mapping import (KEY_MAP, WHOLE, out_proj_slot, packed_scalars, qkv_slots, residual_lambdas,
+                                      skip_weights, value_lambdas)
 from ckpt_migrate.families import ScalarLayout
 
 from .builders import CONVERTED_KINDS
@@ -95,19 +96,19 @@ def mapped_pieces(source: dict, converted: dict, num_layers: int):
         match, dst, how = row
         target = match.expand(dst)
         layer = int(match.group(1)) if match.groups() else None
-        if how == "whole":
+        if how is WHOLE:
             place(f"{target} <- {key}", target, slice(None), key, tensor, built=False)
-        elif how == "qkvo[0:3]":
+        elif how is qkv_slots:
             place(f"{target}[0:3] <- {key}", target, slice(0, 3), key, tensor)
-        elif how == "qkvo[3]":
+        elif how is out_proj_slot:
             place(f"{target}[3] <- {key}", target, slice(3, 4), key, tensor[None])
-        elif how == "scalars[skip]":  # small's L/2 U-net skips, first in the L skip slots
+        elif how is skip_weights:  # small's L/2 U-net skips, first in the L skip slots
             place(f"scalars[0:{tensor.numel()}] <- {key}", target, slice(0, tensor.numel()), key, tensor)
-        elif how == "scalars[block]":
+        elif how is residual_lambdas:
             place(f"scalars residual pair {layer} <- {key}", target, layout.residual_pair(layer), key, tensor[0:2])
-        elif how == "scalars[attn]":
+        elif how is value_lambdas:
             place(f"scalars value pair {layer} <- {key}", target, layout.value_pair(layer), key, tensor[0:2])
-        elif how == "scalars[packed]":  # v2: the same packing, world-size padding dropped
+        elif how is packed_scalars:  # v2: the same packing, world-size padding dropped
             place(f"scalars <- {key}[0:{layout.size}]", target, slice(0, layout.size), key, tensor[:layout.size])
         else:
             problems.append(f"{key}: KEY_MAP row {how!r} is not known to this test")

@@ -12,33 +12,13 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Callable
 
 import torch
 
 from .families import GPTConfig, ScalarLayout, gptbatched_expected_shapes
 
 log = logging.getLogger(__name__)
-
-# (small key pattern, GPTBatched key template, how the tensor lands there).
-# "whole": the tensor is the target; "qkvo[0:3]"/"qkvo[3]": slots of the stacked attention
-# weight; "scalars[...]": a slice of the packed [5L] scalars (families.ScalarLayout).
-# No slot is transposed: GPTBatched applies qkvo_w[3] with F.linear, as small applies
-# c_proj.weight ([D, hdim], out x in), so the same matrix goes in as stored; stacking it with
-# the [hdim, D] q/k/v slots needs hdim == D, which convert_state_dict checks first.
-KEY_MAP: list[tuple[str, str, str]] = [
-    (r"embed\.weight", "embed.weight", "whole"),
-    (r"value_embeds\.(\d+)\.weight", r"value_embeds.\1.weight", "whole"),
-    (r"blocks\.(\d+)\.attn\.qkv_w", r"blocks.\1.attn.qkvo_w", "qkvo[0:3]"),
-    (r"blocks\.(\d+)\.attn\.c_proj\.weight", r"blocks.\1.attn.qkvo_w", "qkvo[3]"),
-    (r"blocks\.(\d+)\.mlp\.c_fc\.weight", r"blocks.\1.mlp.fc_w", "whole"),
-    (r"blocks\.(\d+)\.mlp\.c_proj\.weight", r"blocks.\1.mlp.proj_w", "whole"),
-    (r"lm_head\.weight", "lm_head_w", "whole"),
-    (r"skip_weights", "scalars", "scalars[skip]"),  # v1: [L/2] U-net skip weights
-    (r"blocks\.(\d+)\.lambdas", "scalars", "scalars[block]"),  # v1: [2] residual mix of layer i
-    (r"blocks\.(\d+)\.attn\.lambdas", "scalars", "scalars[attn]"),  # v1: [2] value mix of layer i
-    (r"scalars", "scalars", "scalars[packed]"),  # v2: [5L + pad], pad dropped
-]
-_COMPILED = [(re.compile(src), dst, how) for src, dst, how in KEY_MAP]
 
 
 class ConversionError(ValueError):
@@ -51,6 +31,78 @@ class UnmappedKeyError(ConversionError):
 
 class NonFiniteWeightsError(ConversionError):
     """A weight holds NaN or Inf: never certified, whether or not the logit check's tokens reach it."""
+
+
+# --- where a small tensor lands in a GPTBatched tensor built from several (the key table's third
+# column): each checks the source's shape, then copies it into its slot of ``result``.
+
+def _expect_shape(key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ConversionError(f"{key}: shape {list(tensor.shape)} does not fit {list(shape)}")
+
+
+def qkv_slots(result, key, tensor, layer, layout) -> None:
+    """small's [3, hdim, D] q/k/v weight: slots 0..2 of qkvo_w."""
+    _expect_shape(key, tensor, (3, *result.shape[1:]))
+    result[0:3].copy_(tensor)
+
+
+def out_proj_slot(result, key, tensor, layer, layout) -> None:
+    """small's c_proj.weight [D, hdim]: slot 3 of qkvo_w, as stored (both apply it with F.linear)."""
+    _expect_shape(key, tensor, result.shape[1:])
+    result[3].copy_(tensor)
+
+
+def _scalars(result, key, tensor, src: slice, dst: slice) -> None:
+    if tensor.dim() != 1:
+        raise ConversionError(f"{key}: expected a vector, got shape {list(tensor.shape)}")
+    _expect_shape(key, tensor[src], result[dst].shape)
+    result[dst].copy_(tensor[src])
+
+
+def skip_weights(result, key, tensor, layer, layout) -> None:
+    """v1's [L/2] U-net skip weights: the first skip slots of the packed scalars."""
+    if tensor.dim() == 1 and tensor.numel() != layout.num_layers // 2:
+        raise ConversionError(f"{key}: {tensor.numel()} skip weights, expected {layout.num_layers // 2}")
+    _scalars(result, key, tensor, slice(0, tensor.numel()), slice(0, tensor.numel()))
+
+
+def residual_lambdas(result, key, tensor, layer, layout) -> None:
+    """v1's blocks.i.lambdas [2]: layer i's residual mix."""
+    _scalars(result, key, tensor, slice(0, 2), layout.residual_pair(layer))
+
+
+def value_lambdas(result, key, tensor, layer, layout) -> None:
+    """v1's blocks.i.attn.lambdas [2]: layer i's value mix."""
+    _scalars(result, key, tensor, slice(0, 2), layout.value_pair(layer))
+
+
+def packed_scalars(result, key, tensor, layer, layout) -> None:
+    """v2's scalars [5L + pad], packed as GPTBatched packs them: the padding dropped."""
+    if tensor.dim() == 1 and tensor.numel() < layout.size:
+        raise ConversionError(f"{key}: {tensor.numel()} scalars, expected at least {layout.size}")
+    _scalars(result, key, tensor, slice(0, layout.size), slice(0, layout.size))
+
+
+WHOLE = None  # the tensor is the target, passed through (no copy, dtype kept)
+
+# (small key pattern, GPTBatched key template, where the tensor lands: WHOLE, or one of the
+# functions above). No slot is transposed: stacking c_proj.weight [D, hdim] with the [hdim, D]
+# q/k/v slots needs hdim == D, which convert_state_dict checks first.
+KEY_MAP: list[tuple[str, str, Callable | None]] = [
+    (r"embed\.weight", "embed.weight", WHOLE),
+    (r"value_embeds\.(\d+)\.weight", r"value_embeds.\1.weight", WHOLE),
+    (r"blocks\.(\d+)\.attn\.qkv_w", r"blocks.\1.attn.qkvo_w", qkv_slots),
+    (r"blocks\.(\d+)\.attn\.c_proj\.weight", r"blocks.\1.attn.qkvo_w", out_proj_slot),
+    (r"blocks\.(\d+)\.mlp\.c_fc\.weight", r"blocks.\1.mlp.fc_w", WHOLE),
+    (r"blocks\.(\d+)\.mlp\.c_proj\.weight", r"blocks.\1.mlp.proj_w", WHOLE),
+    (r"lm_head\.weight", "lm_head_w", WHOLE),
+    (r"skip_weights", "scalars", skip_weights),  # v1
+    (r"blocks\.(\d+)\.lambdas", "scalars", residual_lambdas),  # v1
+    (r"blocks\.(\d+)\.attn\.lambdas", "scalars", value_lambdas),  # v1
+    (r"scalars", "scalars", packed_scalars),  # v2
+]
+_COMPILED = [(re.compile(src), dst, place) for src, dst, place in KEY_MAP]
 
 
 # Elements tested at a time: what a test allocates (a boolean mask when NaNs and Infs are counted)
@@ -119,22 +171,6 @@ def check_finite(state_dict: dict[str, torch.Tensor], where: str = "") -> None:
         raise NonFiniteWeightsError(f"{where}non-finite values in {key} ({nan} NaN, {inf} Inf){more}")
 
 
-def _scalar_slice(how: str, layer: int | None, layout: ScalarLayout, src_len: int) -> tuple[slice, slice]:
-    """(source slice, target slice) of a small scalar tensor in GPTBatched's packed scalars."""
-    if how == "scalars[skip]":
-        return slice(0, src_len), slice(0, src_len)  # small's L/2 skips, first in the skip slots
-    if how == "scalars[block]":
-        return slice(0, 2), layout.residual_pair(layer)
-    if how == "scalars[attn]":
-        return slice(0, 2), layout.value_pair(layer)
-    return slice(0, layout.size), slice(0, layout.size)  # v2: packed the same way, padding dropped
-
-
-def _expect_shape(key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
-    if tuple(tensor.shape) != tuple(shape):
-        raise ConversionError(f"{key}: shape {list(tensor.shape)} does not fit {list(shape)}")
-
-
 def convert_state_dict(small: dict[str, torch.Tensor], cfg: GPTConfig,
                        device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """GPTBatched state dict from a prefix-stripped small (v1 or v2) state dict; the tensors it
@@ -144,16 +180,16 @@ def convert_state_dict(small: dict[str, torch.Tensor], cfg: GPTConfig,
         raise ConversionError(f"hdim {hdim} != model_dim {cfg.model_dim}: c_proj.weight [D, hdim] "
                               f"cannot be stacked as slot 3 of qkvo_w [4, hdim, D]")
     expected = gptbatched_expected_shapes(cfg)
-    L, layout = cfg.num_layers, ScalarLayout(cfg.num_layers)
+    layout = ScalarLayout(cfg.num_layers)
     # Group source tensors by target so each target is allocated once in its promoted dtype.
-    plan: dict[str, list[tuple[str, str, int | None, torch.Tensor]]] = {}
+    plan: dict[str, list[tuple[str, Callable | None, int | None, torch.Tensor]]] = {}
     for key, tensor in small.items():
-        for pattern, dst, how in _COMPILED:
+        for pattern, dst, place in _COMPILED:
             match = pattern.fullmatch(key)
             if match:
                 target = match.expand(dst)
                 layer = int(match.group(1)) if match.groups() else None
-                plan.setdefault(target, []).append((key, how, layer, tensor))
+                plan.setdefault(target, []).append((key, place, layer, tensor))
                 break
         else:
             raise UnmappedKeyError(f"unmapped key {key!r}: no GPTBatched counterpart")
@@ -168,7 +204,7 @@ def convert_state_dict(small: dict[str, torch.Tensor], cfg: GPTConfig,
     out: dict[str, torch.Tensor] = {}
     for target, sources in plan.items():
         shape = expected[target]
-        if len(sources) == 1 and sources[0][1] == "whole":
+        if len(sources) == 1 and sources[0][1] is WHOLE:
             key, _, _, tensor = sources[0]
             _expect_shape(key, tensor, shape)
             out[target] = tensor
@@ -182,31 +218,14 @@ def convert_state_dict(small: dict[str, torch.Tensor], cfg: GPTConfig,
         else:
             result = torch.empty(shape, dtype=dtype, device=device)
         filled = set()
-        for key, how, layer, tensor in sources:
-            if how == "qkvo[0:3]":
-                _expect_shape(key, tensor, (3, *shape[1:]))
-                result[0:3].copy_(tensor)
-                filled.add(how)
-            elif how == "qkvo[3]":
-                _expect_shape(key, tensor, shape[1:])
-                result[3].copy_(tensor)
-                filled.add(how)
-            elif how.startswith("scalars"):
-                if tensor.dim() != 1:
-                    raise ConversionError(f"{key}: expected a vector, got shape {list(tensor.shape)}")
-                if how == "scalars[skip]" and tensor.numel() != L // 2:
-                    raise ConversionError(f"{key}: {tensor.numel()} skip weights, expected {L // 2}")
-                if how == "scalars[packed]" and tensor.numel() < layout.size:
-                    raise ConversionError(f"{key}: {tensor.numel()} scalars, expected at least {layout.size}")
-                src, dst = _scalar_slice(how, layer, layout, tensor.numel())
-                _expect_shape(key, tensor[src], result[dst].shape)
-                result[dst].copy_(tensor[src])
-                filled.add(how)
-            else:
-                raise ConversionError(f"{key}: {how} cannot share target {target!r} with other keys")
-        if "scalars[packed]" in filled and len(filled) > 1:
+        for key, place, layer, tensor in sources:
+            if place is WHOLE:
+                raise ConversionError(f"{key}: a whole tensor cannot share target {target!r} with other keys")
+            place(result, key, tensor, layer, layout)
+            filled.add(place)
+        if packed_scalars in filled and len(filled) > 1:
             raise ConversionError("both v2 packed scalars and v1 separate scalars are present")
-        if target.endswith("qkvo_w") and filled != {"qkvo[0:3]", "qkvo[3]"}:
+        if target.endswith("qkvo_w") and filled != {qkv_slots, out_proj_slot}:
             raise ConversionError(f"{target}: needs both qkv_w and c_proj.weight of that layer")
         out[target] = result
     log.debug("converted %d small tensors into %d GPTBatched tensors", len(small), len(out))
