@@ -30,7 +30,7 @@ COMMANDS = {
     "verify-outputs with a damaged check record": (["verify-outputs", "{t}/out"], "holds no record"),
     "verify-outputs on a missing folder": (["verify-outputs", "{t}/missing"], "not the output_root"),
     "inspect an empty file": (["inspect", "{t}/empty.pt"], "empty file"),
-    "convert a missing file": (["convert", "{t}/missing.pt", "{t}/converted.pt"], "cannot read the source"),
+    "convert a missing file": (["convert", "{t}/missing.pt", "{t}/converted.pt"], "file not found"),
     "check an empty file": (["check", "{t}/empty.pt"], "empty file"),
     "doctor with a damaged config": (["doctor", "--configfile", "{t}/config.yaml"], "error:"),
 }

@@ -15,7 +15,8 @@ from .isolate import display_path
 from .safe_pickle import one_line
 from .layout import OutputLayout
 from .plan import read_batches
-from .records import LOG_FORMAT, mtime_ns, file_identity, identity_change, job_environment, read_yaml, write_yaml
+from .records import LOG_FORMAT, mtime_ns, job_environment, read_yaml, write_yaml
+from .identity import file_identity, identity_change
 from .slurm import unfinished_conversion_reason
 
 log = logging.getLogger(__name__)

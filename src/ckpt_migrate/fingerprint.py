@@ -19,16 +19,16 @@ READER_MODULES = ("safe_pickle.py", "pickle_machine.py", "pickle_input.py", "pic
                   "pickle_checks.py", "pickle_torch.py", "pickle_numpy.py", "pickle_values.py")
 CONVERTER_MODULES = (*READER_MODULES, "loader.py", "detect.py", "families.py", "forward_variant.py", "code_lines.py",
                      "key_mapping.py", "models.py", "check.py", "check_settings.py", "one_file.py", "converted_format.py",
-                     "atomic.py")
+                     "atomic.py", "identity.py")
 
 
 # What decides a manifest: the reader, the classification, and the isolation around it.
-DETECTOR_MODULES = (*READER_MODULES, "detect.py", "converted_format.py", "families.py", "forward_variant.py", "code_lines.py",
-                    "isolate.py")
+DETECTOR_MODULES = (*READER_MODULES, "detect.py", "converted_format.py", "families.py", "forward_variant.py",
+                    "code_lines.py", "isolate.py")
 
 
 # What decides a report row from a manifest and a check record: the row code and the metric list.
-REPORT_MODULES = ("report.py", "records.py", "metrics.py")
+REPORT_MODULES = ("report.py", "records.py", "identity.py", "metrics.py")
 
 
 def converter_fingerprint() -> str:

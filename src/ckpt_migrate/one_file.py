@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .identity import file_identity
 from .version import package_version
 from . import converted_format  # "converted" names the converted weights below
 from .atomic import PendingFile
@@ -90,11 +91,6 @@ def _same_file(src: str, dst: str) -> bool:
         return False
 
 
-def _identity(path: str) -> tuple:
-    st = os.stat(path)
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
 def convert_file(src: str, dst: str | None, settings: CheckSettings | None = None,
                  overrides: dict | None = None) -> dict:
     """Convert a small checkpoint, check its logits and, if the check passes, write ``dst`` atomically.
@@ -111,7 +107,7 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
                               "converter_version": package_version(), "converter_fingerprint": converter_fingerprint(),
                               "status": "failed"}
     try:
-        before = _identity(src)
+        before = file_identity(src)
     except OSError as exc:
         result["reason"] = f"cannot read the source: {exc.strerror or exc}"
         return result
@@ -166,7 +162,7 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
     result.update(check)
     if written is not None:
         timings["write_s"] = written["seconds"]
-    reason = _why_not_published(check, written, dst, _identity(src) != before)
+    reason = _why_not_published(check, written, dst, file_identity(src) != before)
     if reason:
         if pending:
             pending.file.abort()

@@ -6,7 +6,7 @@ process writing each file's record the moment it is done (:mod:`.batch`), and re
 matched path, also after a failed or killed job (:mod:`.report`, :mod:`.slurm`). Each job's
 inputs and outputs sit in one :class:`~.layout.OutputLayout` under ``output_root``; every output
 is written atomically, and nothing is ever written under the input root (:mod:`.layout`). A
-rerun reuses what still describes a file as it is now (:func:`~.records.file_identity`, the
+rerun reuses what still describes a file as it is now (:func:`~.identity.file_identity`, the
 code's fingerprint, the run's settings) and redoes only the rest. ``verify-outputs``:
 :mod:`.verify`. This module only gathers the steps' entry points in one place.
 """
@@ -15,7 +15,8 @@ from .batch import run_batch, run_conversion, standing_conversion
 from .layout import (OUTPUT_FOLDERS, OutputLayout, checkpoint_key, checkpoint_sources, glob_problem, link_outside,
                      placement_problem)
 from .plan import DEFAULT_CONVERSIONS_PER_JOB, batch_minutes, detect_and_plan, read_batches, read_plan, write_manifest
-from .records import file_identity, is_from_the_future, job_logging, read_yaml, source_identities, write_yaml
+from .records import is_from_the_future, job_logging, read_yaml, source_identities, write_yaml
+from .identity import file_identity
 from .report import (NEEDS_A_PERSON, REPORT_COLUMNS, check_gate, read_report, report_after_failure, summarize,
                      write_report)
 from .verify import verify_outputs

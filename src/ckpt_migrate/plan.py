@@ -19,8 +19,8 @@ from .atomic import atomic_write_text
 from .detect import ManifestRecord
 from .isolate import DEFAULT_MEMORY_MB, DEFAULT_SECONDS, detect_isolated, display_path
 from .layout import OutputLayout
-from .records import (FUTURE_SLACK_NS, file_identity, identity_change, iso_utc, job_environment, mtime_ns,
-                      read_index, read_yaml, write_yaml)
+from .records import FUTURE_SLACK_NS, job_environment, mtime_ns, read_index, read_yaml, write_yaml
+from .identity import file_identity, identity_change, iso_utc
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import stat
 import sys
 import time
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 
 from .atomic import atomic_write_text, open_log
 from .isolate import display_path
+from .identity import file_identity
 
 log = logging.getLogger(__name__)
 
@@ -91,36 +91,6 @@ def job_environment() -> dict[str, str]:
 FUTURE_SLACK_NS = 2 * 10**9
 
 
-TAIL_BYTES = 1 << 16  # a torch.save zip's central directory (every entry's CRC-32) lies in its last bytes
-
-
-def file_identity(path: str, with_content: bool = False) -> dict | None:
-    """What tells a file from a replacement: size, mtime, ctime and inode (and, ``with_content``,
-    a hash of its last 64 KiB); None if it cannot be stat'ed or read.
-
-    ``mv``, ``cp -p``, ``rsync -a`` and ``touch -r`` keep size and mtime, never the ctime of the
-    file they leave (nor, but for ``mv`` and ``touch``, its inode). ctime also moves on a chmod
-    or chown, which changes no byte: then the tail hash, which holds the zip's CRC of every
-    entry, decides (:func:`identity_change`). Not the device number: a shared filesystem shows
-    other ones on other login nodes."""
-    try:
-        st = os.stat(path)
-        identity = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
-        if with_content and stat.S_ISREG(st.st_mode):  # never open a FIFO or a device: it may block
-            identity["tail_sha256"] = _tail_sha256(path, st.st_size)
-    except OSError:
-        return None
-    return identity
-
-
-def _tail_sha256(path: str, size: int) -> str:
-    import hashlib
-
-    with open(path, "rb") as f:
-        f.seek(max(0, size - TAIL_BYTES))
-        return hashlib.sha256(f.read(TAIL_BYTES)).hexdigest()[:32]
-
-
 def source_identities(sources: dict[str, str]) -> dict[str, list]:
     """{key: identity as a list} for the plan's params: Snakemake reruns the plan when any
     changes, whether or not a file's mtime is newer than the plan's."""
@@ -147,37 +117,6 @@ def read_index(path: str) -> dict:
         return index if isinstance(index, dict) else {}
     except (OSError, ValueError):
         return {}
-
-
-def identity_change(before: dict | None, path: str) -> str:
-    """How the file at ``path`` differs from ``before`` (a :func:`file_identity` recorded with
-    its content), in words; "" if it does not (a chmod or chown changes no byte), or if it
-    cannot be stat'ed now (its reader says why)."""
-    now = file_identity(path)
-    if now is None:
-        return ""
-    before = before or {}
-    if before.get("size") != now["size"]:
-        return f"{before.get('size')} -> {now['size']} bytes"
-    if before.get("mtime_ns") != now["mtime_ns"]:
-        return f"modified {iso_utc(now['mtime_ns'] / 1e9)}"
-    if before.get("inode") != now["inode"]:
-        return "replaced by another file with its size and mtime kept"
-    if before.get("ctime_ns") != now["ctime_ns"]:
-        tail = file_identity(path, with_content=True)
-        if tail is not None and tail.get("tail_sha256") != before.get("tail_sha256"):
-            return "rewritten in place with its size and mtime kept"
-    return ""
-
-
-def iso_utc(seconds: Any) -> str:
-    """Seconds since 1970 as ISO 8601 UTC (``2026-11-28T01:14:55+00:00``); "" when unknown."""
-    from datetime import datetime, timezone
-
-    try:
-        return datetime.fromtimestamp(float(seconds), timezone.utc).isoformat(timespec="seconds")
-    except (TypeError, ValueError, OverflowError, OSError):
-        return ""
 
 
 def seconds_of_iso(text: str) -> float:

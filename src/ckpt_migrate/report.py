@@ -18,7 +18,8 @@ from .isolate import display_path
 from .metrics import CHECK_FIELDS
 from .layout import OutputLayout
 from .plan import read_plan
-from .records import mtime_ns, read_index, seconds_of_iso, file_identity, iso_utc, read_yaml
+from .records import mtime_ns, read_index, seconds_of_iso, read_yaml
+from .identity import file_identity, iso_utc
 from .slurm import unfinished_conversion_reason
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,8 @@ import os
 from .atomic import sha256_file
 from .isolate import display_path
 from .layout import OutputLayout
-from .records import identity_change, read_yaml
+from .records import read_yaml
+from .identity import identity_change
 
 log = logging.getLogger(__name__)
 
