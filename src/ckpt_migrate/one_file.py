@@ -56,10 +56,12 @@ def build_model(cls, cfg: GPTConfig, state_dict: dict[str, torch.Tensor], **kwar
     return model.eval()
 
 
-def reference_model(record: ManifestRecord, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+def reference_model(record: ManifestRecord, state_dict: dict[str, torch.Tensor],
+                    cfg: GPTConfig | None = None) -> torch.nn.Module:
     """The family's training-time forward in its original layout, attention written out ("math":
-    what eager flex computes, a different computation from the candidate's sdpa kernel)."""
-    cfg = GPTConfig.from_record(record)
+    what eager flex computes, a different computation from the candidate's sdpa kernel).
+    ``cfg``: the record's config where the caller has built it already."""
+    cfg = cfg or GPTConfig.from_record(record)
     if record["format"] == "small":
         return build_model(GPTFlexAttention, cfg, state_dict, variant=record["variant"], attention="math",
                            scalars_len=state_dict["scalars"].numel() if "scalars" in state_dict else None)
@@ -106,11 +108,7 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
     result: dict[str, Any] = {"source": os.path.abspath(src), "converted_path": dst or "",
                               "converter_version": package_version(), "converter_fingerprint": converter_fingerprint(),
                               "status": "failed"}
-    try:
-        before = file_identity(src)
-    except OSError as exc:
-        result["reason"] = f"cannot read the source: {exc.strerror or exc}"
-        return result
+    before = file_identity(src)  # None if it is not there: its reader says so below
     if dst and _same_file(src, dst):
         # Publishing would replace the checkpoint itself: the source is only ever read.
         result["reason"] = f"the output path {dst} is the source file itself; write the converted file elsewhere"
@@ -130,8 +128,7 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
         _progress("convert", t0)
         cfg = GPTConfig.from_record(record)
         t1 = time.perf_counter()
-        # Built on the check's device: the candidate needs them there, and the write copies them
-        # back one at a time (a GPU host never holds all of them: 0.13x the weights at full size).
+        # Built on the check's device, where the candidate needs them; the write copies them to the host.
         converted = convert_state_dict(small, cfg, settings.resolved_device())
         timings["convert_s"] = time.perf_counter() - t1
     except (ConversionError, CheckpointError, CheckDeviceError) as exc:
@@ -148,7 +145,7 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
     t2 = time.perf_counter()
     _progress("check", t0)
     try:
-        reference = reference_model(record, small)
+        reference = reference_model(record, small, cfg)
         candidate = build_model(GPTBatched, cfg, converted)
         check = logit_check(reference, candidate, cfg.vocab_size, settings)
     except BaseException:
