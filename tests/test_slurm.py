@@ -157,8 +157,11 @@ def test_conversion_killed_for_memory_is_reported_and_redone(slurm_cluster, tmp_
     names the job and what SLURM said, and the next run converts only that file."""
     root, out_root = tmp_path / "clean_bbpe_50k", tmp_path / "out"
     _tree(root, n_small=1, n_medium=1)
-    # 600 MB: enough for Snakemake's job step and importing torch, not for a 4096-token check (~1 GB).
-    killed = slurm_snakemake(slurm_cluster, root, out_root, "--set-resources", "convert_batch:mem_mb=600",
+    # 450 MB: less than the job step holds from torch's import on (the step's Snakemake process, and
+    # the conversion at ~520 MB during a 4096-token check), for the several seconds the check runs:
+    # SLURM polls RSS once a second here, and a peak shorter than that (600 MB) was sometimes missed.
+    # The attempt record is written before torch is imported, so the row names the job either way.
+    killed = slurm_snakemake(slurm_cluster, root, out_root, "--set-resources", "convert_batch:mem_mb=450",
                              check_length=4096)
     assert killed.returncode != 0, killed.stdout[-3000:]
     rows = {r["relative_path"]: r for r in read_report(str(out_root / "report.csv"))}
