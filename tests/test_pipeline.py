@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -476,3 +477,55 @@ def test_links_out_of_the_tree_are_not_read_and_no_cell_is_a_formula(tmp_path):
     assert rows["eng_spa_owt_run_3/best_state_100.pt"]["status"] == "converted"
     assert rows["eng_spa_owt_run_2/best_state_100.pt"]["status"] == "unreadable"
     assert outputs_hold(b"SECRET") == [] and outputs_hold(b"ECRET-LINE") == []
+
+
+def _write_below(root: Path, names: list[str], data: bytes) -> bytes:
+    """Write ``data`` at root/names[0]/.../names[-1], making the folders, each opened from its
+    parent's descriptor (the whole path may be over PATH_MAX); returns the path as bytes."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for name in names[:-1]:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, dir_fd=fd)
+        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    out = os.open(names[-1], os.O_CREAT | os.O_WRONLY | os.O_EXCL, dir_fd=fd)
+    os.write(out, data)
+    os.close(out)
+    os.close(fd)
+    return os.fsencode(str(root)) + b"/" + "/".join(names).encode()
+
+
+def _read_below(path: bytes) -> bytes:
+    parts = path.split(b"/")
+    fd = os.open(b"/", os.O_RDONLY | os.O_DIRECTORY)
+    for name in [p for p in parts[:-1] if p]:
+        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    f = os.open(parts[-1], os.O_RDONLY, dir_fd=fd)
+    os.close(fd)
+    with os.fdopen(f, "rb") as stream:
+        return stream.read()
+
+
+@pytest.mark.e2e
+def test_a_match_over_path_max_is_its_own_row_and_the_rest_converts(tmp_path):
+    """Issue 21: a matched path longer than PATH_MAX (which glob skips without a word) is an
+    unreadable row saying so, kept out of the rule inputs; the rest of the tree converts."""
+    levels, rest = divmod(3830 - len(str(tmp_path)), 201)
+    deep = tmp_path.joinpath(*["d" * 200] * levels, "e" * max(1, rest - 1))
+    root, out = deep / "clean_bbpe_50k", tmp_path / "out"
+    normal = small_checkpoint(root / "eng_spa_owt_run_1/best_state_100.pt", seed=1)
+    data = Path(normal).read_bytes()
+    long_run = "hin_urd_owt_run_2_" + "x" * 230
+    long_path = _write_below(root, [long_run, "best_state_100.pt"], data)
+    assert len(long_path) >= os.pathconf("/", "PC_PATH_MAX") > len(os.fsencode(str(normal)))
+    proc = snakemake(str(root), str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["relative_path"]: r for r in read_report(str(out / "report.csv"))}
+    assert rows["eng_spa_owt_run_1/best_state_100.pt"]["status"] == "converted"
+    row = rows[f"{long_run}/best_state_100.pt"]
+    assert row["status"] == "unreadable" and "(PATH_MAX): not read" in row["reason"], row
+    assert _read_below(long_path) == data and Path(normal).read_bytes() == data
+    assert "Nothing to be done" in snakemake(str(root), str(out), "-n").stdout

@@ -187,13 +187,18 @@ def glob_problem(pattern: str) -> str:
     return ""
 
 
+# A key longer than this (a deep tree) is shortened, leaving room for output_root before it.
+MAX_KEY_BYTES = 1024
+
+
 def checkpoint_key(relative_path: str) -> str:
     """Wildcard value of a checkpoint: its path under input_root without the .pt suffix.
 
     Characters Snakemake cannot carry in a wildcard or a file name it writes are %-escaped:
     braces (its pattern syntax), %, control characters such as a newline, and bytes that are
-    not UTF-8. A folder or file name too long to carry a .yaml or temporary suffix is shortened
-    with a hash, so every path the glob finds gets a key (and a row)."""
+    not UTF-8. A folder or file name too long to carry a .yaml or temporary suffix, or a whole
+    path too long to sit under output_root, is shortened with a hash, so every path the glob
+    finds gets a key (and a row)."""
     stem = relative_path[:-3] if relative_path.endswith(".pt") else relative_path
     escaped = "".join(
         f"%{ord(ch) - 0xDC00:02X}" if 0xDC80 <= ord(ch) <= 0xDCFF
@@ -201,30 +206,91 @@ def checkpoint_key(relative_path: str) -> str:
         else ch
         for ch in stem
     )
-    parts = []
-    for part in escaped.split("/"):
-        if len(os.fsencode(part)) > 180:
-            digest = hashlib.sha256(os.fsencode(part)).hexdigest()[:16]
-            part = f'{os.fsencode(part)[:120].decode("utf-8", "ignore")}~{digest}'
-        parts.append(part)
+    parts = [_short_name(part, 180) for part in escaped.split("/")]
+    if len(os.fsencode("/".join(parts))) > MAX_KEY_BYTES:
+        digest = hashlib.sha256(os.fsencode(relative_path)).hexdigest()[:16]
+        parts = ["long_paths", f"{digest}_{_short_name(parts[-1], 120)}"]
     return "/".join(parts)
+
+
+def _short_name(part: str, limit: int) -> str:
+    if len(os.fsencode(part)) <= limit:
+        return part
+    digest = hashlib.sha256(os.fsencode(part)).hexdigest()[:16]
+    return f'{os.fsencode(part)[:limit - 60].decode("utf-8", "ignore")}~{digest}'
 
 
 def checkpoint_sources(input_root: str, pattern: str) -> dict[str, str]:
     """{key: path} for every match of ``pattern`` under ``input_root``, files or not; two paths
     whose keys coincide (``x.pt`` and ``x``) both keep a row."""
-    import glob
-
     problem = glob_problem(pattern)
     if problem:
         raise ValueError(problem)
     keyed: dict[str, str] = {}
-    for path in sorted(glob.glob(os.path.join(glob.escape(input_root), pattern))):
+    for path in sorted(glob_matches(input_root, pattern)):
         key = checkpoint_key(os.path.relpath(path, input_root))
         if key in keyed:
             key = f"{key}~{hashlib.sha256(os.fsencode(path)).hexdigest()[:12]}"
         keyed[key] = path
     return keyed
+
+
+def glob_matches(input_root: str, pattern: str) -> list[str]:
+    """What ``glob.glob(os.path.join(input_root, pattern))`` matches, also where the path is longer
+    than PATH_MAX (there glob finds nothing, silently): each folder is opened relative to its
+    parent's descriptor, so no call is given the whole path. The same rules as glob: names that
+    start with a dot only match a part that does; folders are followed through links; the last
+    part matches anything that exists, broken links included."""
+    try:
+        root_fd = os.open(input_root, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return []
+    try:
+        return list(_matches_below(root_fd, input_root, [p for p in pattern.split("/") if p]))
+    finally:
+        os.close(root_fd)
+
+
+def _matches_below(dir_fd: int, path: str, parts: list[str]):
+    import fnmatch
+    import glob
+
+    part, last = parts[0], len(parts) == 1
+    if glob.has_magic(part):
+        try:
+            names = sorted(entry.name for entry in os.scandir(dir_fd)
+                           if fnmatch.fnmatchcase(entry.name, part) and (part[0] == "." or entry.name[0] != "."))
+        except OSError:
+            return
+    else:
+        names = [part]
+    for name in names:
+        if last:
+            with contextlib.suppress(OSError):
+                os.lstat(name, dir_fd=dir_fd)
+                yield os.path.join(path, name)
+            continue
+        try:
+            child_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=dir_fd)
+        except OSError:
+            continue  # not a folder, or not one we may list
+        try:
+            yield from _matches_below(child_fd, os.path.join(path, name), parts[1:])
+        finally:
+            os.close(child_fd)
+
+
+def not_read_because(path: str, input_root: str, follow_links: bool) -> str:
+    """Why the match at ``path`` is not opened ("" if it is read): a path the system cannot take
+    whole, or (unless ``follow_links``) a link that leaves the tree."""
+    size = len(os.fsencode(path))
+    if size >= PATH_MAX:
+        return (f"its path is {size:,} bytes, over the system's limit of {PATH_MAX - 1:,} (PATH_MAX): "
+                f"not read (move it to a shorter path)")
+    return "" if follow_links else link_outside(path, input_root)
+
+
+PATH_MAX = os.pathconf("/", "PC_PATH_MAX") if hasattr(os, "pathconf") else 4096
 
 
 def link_outside(path: str, input_root: str) -> str:

@@ -82,7 +82,7 @@ def _still_current(manifest_path: str, src: str, identity: dict) -> ManifestReco
     except (OSError, yaml.YAMLError):
         return None
     recorded = {"detector": record.get("detector_fingerprint"), "overrides": record.get("overrides"),
-                "outside": record.get("not_read_because")}
+                "not_read": record.get("not_read_because")}
     same = all(recorded[k] == identity[k] for k in recorded) and record.get("source_identity") is not None
     return record if same and not identity_change(record["source_identity"], src) else None
 
@@ -91,14 +91,14 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
                     seconds: float = DEFAULT_SECONDS, memory_mb: int = DEFAULT_MEMORY_MB,
                     overrides: dict | None = None,
                     conversions_per_job: int = DEFAULT_CONVERSIONS_PER_JOB,
-                    outside: dict[str, str] | None = None) -> list[str]:
+                    not_read: dict[str, str] | None = None) -> list[str]:
     """Detect every checkpoint whose manifest is missing or stale, in this one process, and write the plan.
 
     A manifest is reused when its file's identity (:func:`file_identity`), the detector and
     the overrides are unchanged, so a rerun detects only what is new or changed. Each small file is put in a
     conversion batch: the one it was in if the file is unchanged (so its finished conversion
     stands), else a new batch of up to ``conversions_per_job`` new, changed or unrecorded files.
-    A match in ``outside`` (key -> why: it resolves outside input_root) is never opened.
+    A match in ``not_read`` (key -> why: a link out of input_root, a path over PATH_MAX) is never opened.
     Returns the keys to convert."""
     from .fingerprint import detector_fingerprint
 
@@ -110,9 +110,9 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
     unbatched: list[str] = []
     for key in sorted(sources):
         manifest_path = layout.manifest(key)
-        not_read = (outside or {}).get(key, "")
+        why_not_read = (not_read or {}).get(key, "")
         identity = {"file": file_identity(sources[key]), "detector": detector, "overrides": overrides,
-                    "outside": not_read, "manifest_ns": mtime_ns(manifest_path)}
+                    "not_read": why_not_read, "manifest_ns": mtime_ns(manifest_path)}
         entry = index.get(key) or {}
         unchanged = entry.get("manifest_ns") is not None and {k: entry.get(k) for k in identity} == identity
         if unchanged:
@@ -122,7 +122,7 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
             unchanged = record is not None  # the same bytes (a chmod moves ctime only)
             if record is None:
                 record = write_manifest(sources[key], relative_paths[key], manifest_path, seconds, memory_mb, overrides,
-                                        not_read)
+                                        why_not_read)
                 detected += 1
             status = record.get("status", "unknown")
             identity["manifest_ns"] = mtime_ns(manifest_path)

@@ -18,7 +18,7 @@ from ckpt_migrate.pipeline import (
     checkpoint_sources,
     glob_problem,
     is_from_the_future,
-    link_outside,
+    not_read_because,
     placement_problem,
     read_batches,
     read_plan,
@@ -90,11 +90,12 @@ OVERRIDES = {key: config[key] for key in ("eot_token", "num_iterations")}
 
 
 CHECKPOINTS = sorted(SOURCES)
-# Matches that resolve outside input_root, with the reason they are not read (unless follow_links).
-OUTSIDE = {
-    key: link_outside(path, INPUT_ROOT)
+# Matches that are never opened, with the reason: a path over PATH_MAX, or (unless follow_links)
+# one that resolves outside input_root.
+NOT_READ = {
+    key: why
     for key, path in SOURCES.items()
-    if not config["follow_links"] and link_outside(path, INPUT_ROOT)
+    if (why := not_read_because(path, INPUT_ROOT, config["follow_links"]))
 }
 RELATIVE_PATHS = {
     key: os.path.relpath(path, INPUT_ROOT) for key, path in SOURCES.items()

@@ -23,7 +23,7 @@ checkpoint plan:
         sources=SOURCES,
         identities=source_identities(SOURCES),
         relative=RELATIVE_PATHS,
-        outside=OUTSIDE,
+        not_read=NOT_READ,
         seconds=config["inspect_seconds"],
         memory_mb=config["inspect_memory_mb"],
         overrides=OVERRIDES,
