@@ -14,7 +14,7 @@ from .atomic import open_log
 from .isolate import display_path
 from .safe_pickle import one_line
 from .layout import OutputLayout
-from .plan import read_batches
+from .plan import read_batches, read_validations
 from .records import LOG_FORMAT, mtime_ns, job_environment, read_yaml, write_yaml
 from .identity import file_identity, identity_change
 from .slurm import unfinished_conversion_reason
@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 def run_conversion(src: str, manifest_path: str, converted_path: str, check_path: str,
                    check_settings: dict[str, Any], attempt_path: str | None = None,
-                   overrides: dict | None = None, log_path: str | None = None, attempts: int = 1) -> dict:
+                   overrides: dict | None = None, log_path: str | None = None, attempts: int = 1,
+                   validation: dict | None = None) -> dict:
     """Convert + check one small checkpoint; always writes the check record, the .pt only on success.
 
     ``attempt_path`` records where the conversion runs before it starts, so that a job killed
@@ -54,7 +55,7 @@ def run_conversion(src: str, manifest_path: str, converted_path: str, check_path
     else:
         try:
             # convert_file reads the file as it is now (one read for the record and the tensors).
-            result = convert_file(src, converted_path, settings, overrides)
+            result = convert_file(src, converted_path, settings, overrides, validation)
         except Exception as exc:  # one line in the record; the run goes on with the other checkpoints
             log.exception("conversion of %s failed", src)
             result = {**failed, "reason": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
@@ -93,12 +94,14 @@ def standing_conversion(record_path: str, src: str, converted_path: str, check_s
 
 def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any], overrides: dict | None,
               summary_path: str) -> dict:
-    """One conversion job: every small file of a batch, one after another in this one process.
+    """One conversion job: every file of a batch, one after another in this one process: a small
+    file converted, checked and (with validation) evaluated; a medium one evaluated only.
 
     Python, torch and (on a GPU) CUDA start once for the batch. Each file's record and log are
     written the moment that file is done (``staged/``), so a job killed part way keeps what it
     finished and the report names the file it was on; a file that fails is a record, not a
-    failed job. A file whose conversion from an earlier run still stands is not converted again."""
+    failed job. A file whose conversion from an earlier run still stands is not converted again
+    (only evaluated, when its validation changed)."""
     import time
 
     from .heap import return_freed_memory
@@ -107,6 +110,7 @@ def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any
     members = read_batches(layout.plan).get(batch_id)
     if members is None:
         raise ValueError(f"batch {batch_id} is not in the plan {layout.plan}; rerun the workflow")
+    validations = read_validations(layout.plan)
     summary: dict[str, Any] = {"batch": batch_id, **job_environment(), "pid": os.getpid(), "files": []}
     # A file whose conversion was killed before (memory, time limit, a crash in torch) goes last,
     # so that it cannot keep the others of its batch from being converted run after run.
@@ -114,12 +118,16 @@ def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any
     for key in sorted(members, key=lambda k: kills[k] > 0):
         src, staged, converted = members[key], layout.staged(key), layout.converted(key)
         started, started_at = time.perf_counter(), time.time()
-        if standing_conversion(staged, src, converted, check_settings, overrides) is not None:
-            log.info("%s: its conversion from an earlier run stands", display_path(src))
-            summary["files"].append({"key": key, "status": "converted", "reused": True,
+        validation, manifest = validations.get(key), read_yaml(layout.manifest(key))
+        to_convert = manifest.get("status") == "to_convert"
+        standing = (standing_conversion(staged, src, converted, check_settings, overrides) if to_convert
+                    else _standing_evaluation(staged, src))
+        if standing is not None and standing.get("validation") == validation:
+            log.info("%s: its record from an earlier run stands", display_path(src))
+            summary["files"].append({"key": key, "status": standing["status"], "reused": True,
                                      "started": round(started_at, 3), "seconds": 0.0})
             continue
-        if kills[key] >= MAX_KILLED_ATTEMPTS:
+        if to_convert and standing is None and kills[key] >= MAX_KILLED_ATTEMPTS:
             _given_up(layout, key, src, kills[key])
             summary["files"].append({"key": key, "status": "failed", "reused": False,
                                      "started": round(started_at, 3), "seconds": 0.0})
@@ -128,8 +136,14 @@ def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any
         try:
             log.info("batch %s, file %d of %d: %s", batch_id, len(summary["files"]) + 1, len(members),
                      display_path(src))
-            record = run_conversion(src, layout.manifest(key), converted, staged, check_settings,
-                                    layout.attempt(key), overrides, layout.staged_log(key), kills[key] + 1)
+            if to_convert and standing is None:
+                record = run_conversion(src, layout.manifest(key), converted, staged, check_settings,
+                                        layout.attempt(key), overrides, layout.staged_log(key), kills[key] + 1,
+                                        validation)
+            else:  # only the validation loss: of a standing conversion's file, or of a medium file as it is
+                record = _evaluated(standing, manifest, src, converted if to_convert else src, validation,
+                                    check_settings)
+                write_yaml(staged, record)
         finally:
             logging.getLogger().removeHandler(handler)
             handler.close()
@@ -142,6 +156,42 @@ def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     write_yaml(summary_path, summary)
     return summary
+
+
+def _standing_evaluation(record_path: str, src: str) -> dict | None:
+    """The evaluation record of a medium file at ``record_path`` if it is for ``src`` as it is now."""
+    try:
+        record = read_yaml(record_path)
+    except (OSError, yaml.YAMLError):
+        return None
+    stands = (record.get("status") == "evaluated" and record.get("source_identity") is not None
+              and os.path.exists(src) and not identity_change(record["source_identity"], src))
+    return record if stands else None
+
+
+VALIDATION_KEYS = ("validation", "val_loss", "val_tokens", "val_seconds", "val_data", "val_error")
+
+
+def _evaluated(standing: dict | None, manifest: dict, src: str, model_path: str, validation: dict | None,
+               check_settings: dict[str, Any]) -> dict:
+    """``standing`` (a conversion's record; for a medium file, a new evaluation record) with the
+    validation loss of the model at ``model_path`` on ``validation``; an error is a field, not a crash."""
+    from .check import CheckSettings
+    from .one_file import evaluate_file
+
+    record = {key: value for key, value in (standing or {}).items() if key not in VALIDATION_KEYS}
+    if standing is None:
+        record.update(relative_path=manifest.get("relative_path", ""), source=os.path.abspath(src),
+                      status="evaluated", source_identity=file_identity(src, with_content=True))
+    record.update(validation=validation, val_loss=None, val_tokens=None, evaluated_on=job_environment())
+    if validation is not None:
+        try:
+            record.update(evaluate_file(model_path, validation, CheckSettings(**check_settings).resolved_device()))
+        except Exception as exc:  # one line in the record; the run goes on with the other files
+            log.exception("evaluation of %s failed", display_path(model_path))
+            record["val_error"] = f"{type(exc).__name__}: {one_line(str(exc), 300)}"
+    log.info("%s: validation loss %s", display_path(src), record.get("val_loss"))
+    return record
 
 
 MAX_KILLED_ATTEMPTS = 2  # a file whose conversion was killed this often in a row is a failed record

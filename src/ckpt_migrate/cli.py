@@ -18,7 +18,7 @@ from .records import LOG_FORMAT
 from .converted_format import FORMAT as CONVERTED_FORMAT
 from .detect import FORMAT_LABELS
 from .isolate import DEFAULT_MEMORY_MB, DEFAULT_SECONDS, detect_isolated
-from .metrics import CHECK_FIELDS
+from .metrics import CHECK_FIELDS, VALIDATION_FIELDS
 
 SHOWN_FIELDS = ("variant", "reason", "num_layers", "num_heads", "head_dim", "model_dim", "mlp_dim",
                 "vocab_size", "padded_vocab", "layers_without_attention", "num_value_embeds", "params",
@@ -78,7 +78,7 @@ def _add_override_options(p: argparse.ArgumentParser) -> None:
 
 
 def _print_check(result: dict) -> None:
-    for key in ("status", "reason", *CHECK_FIELDS, "sha256"):
+    for key in ("status", "reason", *CHECK_FIELDS, *VALIDATION_FIELDS, "sha256"):
         if key in result and result[key] not in ("", None):
             print(f"  {key:<20} {result[key]}")
 
@@ -96,13 +96,19 @@ def cmd_check(args) -> int:
     from .key_mapping import ConversionError
     from .one_file import CheckpointError, check_file
 
+    from .validation import held_out_file
+
     try:
-        result = check_file(args.path, _settings(args), source=args.source)
-    except (CheckpointError, ConversionError, CheckDeviceError) as exc:
+        validation = held_out_file(args.val_data, args.val_tokens, args.val_sequence_length) if args.val_data else None
+        result = check_file(args.path, _settings(args), source=args.source, validation=validation)
+    except (CheckpointError, ConversionError, CheckDeviceError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"{args.path}: check {'passed' if result['check_passed'] else 'FAILED'}")
     _print_check(result)
+    if result.get("val_error"):
+        print(f"error: {result['val_error']}", file=sys.stderr)
+        return 1
     return 0 if result["check_passed"] else 1
 
 
@@ -195,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="logit check of a small, medium or converted checkpoint")
     p.add_argument("path")
     p.add_argument("--source", help="for a converted file: the small checkpoint it was converted from")
+    p.add_argument("--val-data", metavar="FILE", help="a modded-nanogpt .bin token shard: the check also runs on "
+                   "its tokens, then the validation loss is computed")
+    p.add_argument("--val-tokens", type=int, default=1048576, metavar="N",
+                   help="predictions the validation loss is the mean over (default: 1048576)")
+    p.add_argument("--val-sequence-length", type=int, default=2048, metavar="T",
+                   help="input tokens per validation sequence (default: 2048)")
     _add_check_options(p)
     p.set_defaults(func=cmd_check)
 

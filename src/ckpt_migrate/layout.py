@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import stat
 from typing import Iterable
 
@@ -36,7 +37,8 @@ class OutputLayout:
         self.figures = {"logit": f"{root}/figures/logit_check.png",
                         "status": f"{root}/figures/status_by_lang_pair.png",
                         "table": f"{root}/figures/report_table.html",
-                        "attention": f"{root}/figures/needs_attention.html"}
+                        "attention": f"{root}/figures/needs_attention.html",
+                        "validation": f"{root}/figures/validation_loss.png"}
 
     def job_log(self, job: str) -> str:
         """The log of a job that runs once per run (plan, report, figures, gate)."""
@@ -176,6 +178,16 @@ def _entry_problem(entry: os.DirEntry, tree: str, tree_files: dict[tuple[int, in
 def _link_problem(link: str, tree: str) -> str:
     return (f"{display_path(link)} is a link into input_root {tree}: the pipeline writes there, "
             f"and the checkpoint tree is only ever read (remove the link)")
+
+
+_RUN_DIR = re.compile(r"^(?P<lang>.+?)_owt_run_(?P<run>[^/]+)$")
+
+
+def lang_and_run(relative_path: str) -> tuple[str, str]:
+    """``eng_spa_owt_run_3/best_state_800`` -> ("eng_spa", "3"); ("", "") when the folder is named otherwise."""
+    folder = relative_path.replace(os.sep, "/").split("/")[0]
+    match = _RUN_DIR.match(folder)
+    return (match.group("lang"), match.group("run")) if match else ("", "")
 
 
 def glob_problem(pattern: str) -> str:

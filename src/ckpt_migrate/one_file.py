@@ -26,6 +26,7 @@ from .fingerprint import converter_fingerprint
 from .heap import return_freed_memory
 from .loader import Checkpoint, CheckpointError, open_checkpoint
 from .models import GPTBatched, GPTFlexAttention
+from .validation import ShardError, evaluate, shard_tokens
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,11 @@ def _same_file(src: str, dst: str) -> bool:
 
 
 def convert_file(src: str, dst: str | None, settings: CheckSettings | None = None,
-                 overrides: dict | None = None) -> dict:
+                 overrides: dict | None = None, validation: dict | None = None) -> dict:
     """Convert a small checkpoint, check its logits and, if the check passes, write ``dst`` atomically.
 
+    With ``validation`` (:func:`~.validation.validation_plan`), the check also runs on the
+    held-out tokens, and the converted model's validation loss is computed after it passes.
     Returns the check record (metrics, timings, output hash). A refused conversion (a weight
     anywhere in the model that holds a NaN or an Inf included, named), a failed check, a source
     that changed while it was read, or a write that fails (disk full) returns ``status: failed``
@@ -147,7 +150,7 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
     try:
         reference = reference_model(record, small, cfg)
         candidate = build_model(GPTBatched, cfg, converted)
-        check = logit_check(reference, candidate, cfg.vocab_size, settings)
+        check = logit_check(reference, candidate, cfg.vocab_size, settings, _held_out(validation, cfg))
     except BaseException:
         if pending:
             pending.finish()
@@ -173,10 +176,39 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
             result["reason"] = f"cannot write {dst}: {exc.strerror or exc}; nothing written"
             return result
         result["sha256"], result["converted_bytes"] = written["sha256"], written["bytes"]
+    if validation is not None:
+        _progress("validate", t0)
+        del reference
+        result.update(evaluate(candidate, validation, settings.resolved_device()))
     timings["total_s"] = time.perf_counter() - t0
     _progress("done", t0)
     result.update(status="converted", reason="", timings=timings)
     return result
+
+
+def _held_out(validation: dict | None, cfg: GPTConfig) -> torch.Tensor | None:
+    """The held-out tokens the check also runs on (None without a usable shard: the validation
+    then says why)."""
+    if validation is None:
+        return None
+    try:
+        return shard_tokens(validation, cfg.vocab_size)
+    except ShardError:
+        return None
+
+
+def evaluate_file(path: str, validation: dict, device: str = "cpu") -> dict:
+    """The validation fields (:func:`~.validation.evaluate`) of a file already in GPTBatched's
+    layout, a medium checkpoint or a converted file, evaluated as it is: nothing converted or written."""
+    record, checkpoint, state_dict = load_source(path)
+    if record["format"] == converted_format.FORMAT:
+        cfg = converted_format.read_config(checkpoint.inspection.obj)
+    elif record["format"] == "medium":
+        cfg = GPTConfig.from_record(record)
+    else:
+        raise CheckpointError(f"{path}: a {record['format']} file is evaluated on its converted file")
+    check_finite(state_dict, f"{path}: ")
+    return evaluate(build_model(GPTBatched, cfg, state_dict), validation, device)
 
 
 def _why_not_published(check: dict, written: dict | None, dst: str | None, source_changed: bool) -> str:
@@ -226,9 +258,11 @@ class _BackgroundWrite:
         return self.outcome
 
 
-def check_file(path: str, settings: CheckSettings | None = None, source: str | None = None) -> dict:
+def check_file(path: str, settings: CheckSettings | None = None, source: str | None = None,
+               validation: dict | None = None) -> dict:
     """Logit check of any checkpoint: small (converted in memory), medium (its
-    training-time forward against GPTBatched's), or converted.
+    training-time forward against GPTBatched's), or converted; with ``validation``, on the
+    held-out tokens too, then GPTBatched's validation loss.
 
     A converted file is checked against ``source``, the file it was converted from; a path
     recorded inside the converted file is never followed on its own. A weight that holds a NaN
@@ -252,7 +286,11 @@ def check_file(path: str, settings: CheckSettings | None = None, source: str | N
         reference = reference_model(record, state_dict)
         weights = convert_state_dict(state_dict, cfg) if record["format"] == "small" else state_dict
         candidate = build_model(GPTBatched, cfg, weights)
-    return logit_check(reference, candidate, cfg.vocab_size, settings)
+    result = logit_check(reference, candidate, cfg.vocab_size, settings, _held_out(validation, cfg))
+    if validation is not None:
+        del reference
+        result.update(evaluate(candidate, validation, settings.resolved_device()))
+    return result
 
 
 def load_pretrained_checkpoint(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):

@@ -1,5 +1,6 @@
 """The plan job: detect every new or changed checkpoint (each in a budgeted child, no torch) and
-put the small-format ones into conversion batches.
+put the small-format ones into conversion batches (and, with ``validation`` set, the medium ones
+into the same batches, to be evaluated).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .version import package_version
 from .atomic import atomic_write_text
 from .detect import ManifestRecord
 from .isolate import DEFAULT_MEMORY_MB, DEFAULT_SECONDS, detect_isolated, display_path
-from .layout import OutputLayout
+from .layout import OutputLayout, lang_and_run
 from .records import FUTURE_SLACK_NS, job_environment, mtime_ns, read_index, read_yaml, write_yaml
 from .identity import file_identity, identity_change, iso_utc
 
@@ -26,8 +27,12 @@ log = logging.getLogger(__name__)
 
 
 # key: the checkpoint's wildcard value (its path, %-escaped, without .pt); batch: the conversion job
-# a small file is in; source: its path as hex bytes (any file name survives the TSV).
-PLAN_HEADER = ("key", "status", "batch", "source")
+# a small file (or a medium one to evaluate) is in; source: its path as hex bytes (any file name
+# survives the TSV); validation: what its validation loss is computed on, as JSON (empty: none).
+PLAN_HEADER = ("key", "status", "batch", "source", "validation")
+# Statuses whose files get a validation loss when ``validation`` is set: small files on their
+# conversion, medium (and already converted) ones as they are.
+EVALUATED = ("to_convert", "not_needed")
 
 
 DEFAULT_CONVERSIONS_PER_JOB = 8
@@ -91,7 +96,7 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
                     seconds: float = DEFAULT_SECONDS, memory_mb: int = DEFAULT_MEMORY_MB,
                     overrides: dict | None = None,
                     conversions_per_job: int = DEFAULT_CONVERSIONS_PER_JOB,
-                    not_read: dict[str, str] | None = None) -> list[str]:
+                    not_read: dict[str, str] | None = None, validation: dict | None = None) -> list[str]:
     """Detect every checkpoint whose manifest is missing or stale, in this one process, and write the plan.
 
     A manifest is reused when its file's identity (:func:`file_identity`), the detector and
@@ -99,7 +104,10 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
     conversion batch: the one it was in if the file is unchanged (so its finished conversion
     stands), else a new batch of up to ``conversions_per_job`` new, changed or unrecorded files.
     A match in ``not_read`` (key -> why: a link out of input_root, a path over PATH_MAX) is never opened.
-    Returns the keys to convert."""
+    With ``validation`` (the config's section) and a shard for a file's language pair, small and
+    medium files are batched for their validation loss too; a file whose validation (settings,
+    shard) is unchanged keeps its batch. Returns the keys to convert."""
+    from .validation import validation_plan
     from .fingerprint import detector_fingerprint
 
     overrides = dict(overrides or {})
@@ -108,6 +116,7 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
     new_index: dict[str, dict] = {}
     rows, detected, t0 = [], 0, time.perf_counter()
     unbatched: list[str] = []
+    validations: dict[str, dict | None] = {}  # per language pair: one shard lookup for the tree
     for key in sorted(sources):
         manifest_path = layout.manifest(key)
         why_not_read = (not_read or {}).get(key, "")
@@ -126,11 +135,16 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
                 detected += 1
             status = record.get("status", "unknown")
             identity["manifest_ns"] = mtime_ns(manifest_path)
-        new_index[key] = {**identity, "status": status}
-        if status == "to_convert":
-            # A file keeps its batch while it is unchanged and its record is there; one whose
-            # record was deleted (to retry it) or never written gets a new batch.
-            if unchanged and entry.get("batch") and os.path.exists(layout.check(key)):
+        lang = lang_and_run(relative_paths[key])[0]
+        if lang not in validations:
+            validations[lang] = validation_plan(validation, lang)
+        evaluation = validations[lang] if status in EVALUATED else None
+        new_index[key] = {**identity, "status": status, "validation": evaluation}
+        if status == "to_convert" or evaluation is not None:
+            # A file keeps its batch while it and its validation are unchanged and its record is
+            # there; one whose record was deleted (to retry it) or never written gets a new batch.
+            if (unchanged and entry.get("batch") and entry.get("validation") == evaluation
+                    and os.path.exists(layout.check(key))):
                 new_index[key]["batch"] = entry["batch"]
             else:
                 unbatched.append(key)
@@ -141,7 +155,7 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
         # batches; the files' staged records are part of it, so that a retried file (its record
         # deleted, its last attempt staged) never lands in the finished batch it was in.
         batch_id = "b" + hashlib.sha256(json.dumps(
-            [[key, new_index[key]["file"], mtime_ns(layout.staged(key))]
+            [[key, new_index[key]["file"], mtime_ns(layout.staged(key)), new_index[key]["validation"]]
              for key in members]).encode()).hexdigest()[:12]
         for key in members:
             new_index[key]["batch"] = batch_id
@@ -154,14 +168,20 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
     for key in rows:
         entry = new_index[key]
         source = os.fsencode(os.path.abspath(sources[key])).hex() if entry.get("batch") else ""
-        writer.writerow((key, entry["status"], entry.get("batch", ""), source))
+        evaluation = json.dumps(entry["validation"]) if entry.get("validation") else ""
+        writer.writerow((key, entry["status"], entry.get("batch", ""), source, evaluation))
     atomic_write_text(layout.plan, buf.getvalue())
     return [key for key in rows if new_index[key]["status"] == "to_convert"]
 
 
-def read_plan(plan_path: str) -> list[tuple[str, str]]:
-    """(key, status) of every checkpoint in the plan."""
-    return [(row["key"], row["status"]) for row in _plan_rows(plan_path)]
+def read_plan(plan_path: str) -> list[tuple[str, str, str]]:
+    """(key, status, batch) of every checkpoint in the plan (batch "" when it has no job)."""
+    return [(row["key"], row["status"], row["batch"]) for row in _plan_rows(plan_path)]
+
+
+def read_validations(plan_path: str) -> dict[str, dict]:
+    """{key: what its validation loss is computed on} (:func:`~.validation.validation_plan`)."""
+    return {row["key"]: json.loads(row["validation"]) for row in _plan_rows(plan_path) if row["validation"]}
 
 
 def read_batches(plan_path: str) -> dict[str, dict[str, str]]:
@@ -177,4 +197,6 @@ def _plan_rows(plan_path: str) -> list[dict[str, str]]:
     with open(plan_path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter="\t")
         next(reader, None)
-        return [dict(zip(PLAN_HEADER, row)) for row in reader if len(row) == len(PLAN_HEADER)]
+        # A plan written before the validation column reads as one without validation.
+        return [dict(zip(PLAN_HEADER, row + [""] * (len(PLAN_HEADER) - len(row)))) for row in reader
+                if len(PLAN_HEADER) - 1 <= len(row) <= len(PLAN_HEADER)]

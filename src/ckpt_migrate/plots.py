@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from .atomic import atomic_open, atomic_write_text
-from .metrics import CHECK_FIELDS, LOGIT_METRICS
+from .metrics import CHECK_FIELDS, LOGIT_METRICS, VALIDATION_FIELDS
 from .report import NEEDS_A_PERSON, read_report
 
 STATUS_COLORS = {"converted": "#2b8a3e", "not_needed": "#74c0fc", "failed": "#e03131", "unknown": "#f59f00",
@@ -96,6 +96,39 @@ def status_figure(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def validation_figure(rows: list[dict], path: str) -> None:
+    """Validation loss of each checkpoint against its step, one line per run, one panel per
+    language pair: which run is best, at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evaluated = [r for r in rows if r.get("val_loss") not in ("", None)]
+    langs = sorted({r["lang_pair"] or "(other)" for r in evaluated})
+    fig, axes = plt.subplots(1, max(1, len(langs)), figsize=(max(6.0, 4.2 * len(langs)), 3.8), squeeze=False)
+    if not evaluated:
+        axes[0][0].text(0.5, 0.5, "no validation loss (set validation: data in the config)", ha="center",
+                        va="center", transform=axes[0][0].transAxes)
+        axes[0][0].set_axis_off()
+    for ax, lang in zip(axes[0], langs):
+        runs: dict[str, list[tuple[float, float]]] = {}
+        for r in evaluated:
+            if (r["lang_pair"] or "(other)") == lang:
+                step = float(r["step"]) if str(r.get("step", "")).strip() not in ("", "None") else float("nan")
+                runs.setdefault(r["run"] or r["relative_path"], []).append((step, float(r["val_loss"])))
+        for run, points in sorted(runs.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"run {run}")
+        ax.set_title(lang)
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation loss")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
 # Click a column header to sort by it (numbers numerically); click again to reverse.
 _SORT_SCRIPT = """<script>
 document.querySelectorAll("table.sortable th").forEach(function (th, col) {
@@ -147,16 +180,18 @@ def html_table(rows: list[dict], columns: list[str], title: str, path: str) -> N
     atomic_write_text(path, page)
 
 
-_METRICS = {*LOGIT_METRICS, "tolerance"}  # shown with 4 significant digits
+_METRICS = {*LOGIT_METRICS, "tolerance", "val_loss"}  # shown with 4 significant digits
 TABLE_COLUMNS = ["status", "relative_path", "lang_pair", "run", "step", "format", "variant", "reason",
-                 *CHECK_FIELDS, "num_layers", "model_dim", "num_heads",
+                 *VALIDATION_FIELDS, *CHECK_FIELDS, "num_layers", "model_dim", "num_heads",
                  "vocab_size", "padded_vocab", "params", "size_bytes", "converted_path"]
 
 
-def write_report_figures(report_csv: str, logit: str, status: str, table: str, attention: str) -> None:
+def write_report_figures(report_csv: str, logit: str, status: str, table: str, attention: str,
+                         validation: str) -> None:
     """Every figure and table of the HTML report, at the paths ``OutputLayout.figures`` names."""
     rows = read_report(report_csv)
     logit_check_figure(rows, logit)
+    validation_figure(rows, validation)
     status_figure(rows, status)
     html_table(rows, TABLE_COLUMNS, "All checkpoints", table)
     html_table([r for r in rows if r["status"] in NEEDS_A_PERSON], ["status", "relative_path", "reason"],

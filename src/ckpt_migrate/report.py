@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 from typing import Any, Iterable
 
@@ -15,8 +14,8 @@ from typing import Any, Iterable
 from .atomic import atomic_write_text
 from .detect import ManifestRecord
 from .isolate import display_path
-from .metrics import CHECK_FIELDS
-from .layout import OutputLayout
+from .metrics import CHECK_FIELDS, VALIDATION_FIELDS
+from .layout import OutputLayout, lang_and_run
 from .plan import read_plan
 from .records import mtime_ns, read_index, seconds_of_iso, read_yaml
 from .identity import file_identity, iso_utc
@@ -28,16 +27,13 @@ log = logging.getLogger(__name__)
 REPORT_COLUMNS = (
     "path", "relative_path", "lang_pair", "run", "step", "format", "variant", "reason", "num_layers",
     "model_dim", "num_heads", "vocab_size", "padded_vocab", "params", "size_bytes", "mtime", "status",
-    "converted_path", "converted_sha256", *CHECK_FIELDS, "direct_load_ok",
+    "converted_path", "converted_sha256", *CHECK_FIELDS, *VALIDATION_FIELDS, "direct_load_ok",
     "long_window_blocks", "window_source", "eot_token", "eot_token_source", "num_iterations", "num_iterations_source",
     "forward_source", "notes", "pickle_objects", "realpath",
 )
 
 
 NEEDS_A_PERSON = ("failed", "unknown", "unsafe", "unreadable")
-
-
-_RUN_DIR = re.compile(r"^(?P<lang>.+?)_owt_run_(?P<run>[^/]+)$")
 
 
 def check_gate(report_path: str, flag_path: str, allow_check_failures: bool) -> None:
@@ -52,15 +48,9 @@ def check_gate(report_path: str, flag_path: str, allow_check_failures: bool) -> 
     atomic_write_text(flag_path, f"{len(failed)} failed, allowed={allow_check_failures}\n")
 
 
-def lang_and_run(relative_path: str) -> tuple[str, str]:
-    """``eng_spa_owt_run_3/best_state_800`` -> ("eng_spa", "3"); ("", "") when the folder is named otherwise."""
-    folder = relative_path.replace(os.sep, "/").split("/")[0]
-    match = _RUN_DIR.match(folder)
-    return (match.group("lang"), match.group("run")) if match else ("", "")
-
-
 def report_row(manifest: ManifestRecord, check: dict | None) -> dict:
-    """One report row from a manifest and, for small files, its check record."""
+    """One report row from a manifest and, for a file the plan gave a job (a small file's
+    conversion, a medium file's evaluation), its check record."""
     rel = manifest.get("relative_path", "")
     lang, run = lang_and_run(rel)
     row = {key: manifest.get(key, "") for key in REPORT_COLUMNS}
@@ -80,6 +70,10 @@ def report_row(manifest: ManifestRecord, check: dict | None) -> dict:
             if status == "converted":
                 row["converted_path"] = check.get("converted_path", "")
                 row["converted_sha256"] = check.get("sha256", "")
+    if check is not None and status in ("converted", "not_needed"):
+        row.update({key: check.get(key, "") for key in VALIDATION_FIELDS})
+        if check.get("val_error"):
+            row["reason"] = "; ".join(filter(None, (row["reason"], f"no validation loss: {check['val_error']}")))
     row["status"] = status
     return row
 
@@ -97,9 +91,9 @@ def write_report(layout: OutputLayout) -> list[dict]:
     index = index.get("rows", {}) if index.get("version") == version else {}
     new_index: dict[str, dict] = {}
     rows = []
-    for key, status in read_plan(layout.plan):
+    for key, status, batch in read_plan(layout.plan):
         manifest_path, check_path = layout.manifest(key), layout.check(key)
-        stamp = [file_identity(manifest_path), file_identity(check_path) if status == "to_convert" else None]
+        stamp = [file_identity(manifest_path), file_identity(check_path) if batch else None]
         entry = index.get(key)
         if entry is not None and entry.get("stamp") == stamp and stamp[0] is not None:
             row = entry["row"]

@@ -11,6 +11,8 @@ from ckpt_migrate import output_lock
 from ckpt_migrate.atomic import remove_temporaries
 from ckpt_migrate.fingerprint import converter_fingerprint, detector_fingerprint
 from ckpt_migrate.plan import CONVERT_JOB_RESOURCES
+from ckpt_migrate.layout import lang_and_run
+from ckpt_migrate.validation import validation_plan
 from ckpt_migrate.pipeline import (
     OUTPUT_FOLDERS,
     OutputLayout,
@@ -30,7 +32,7 @@ from ckpt_migrate.pipeline import (
 
 
 def _check_section(config):
-    """The check: section made ready for validation: the flat keys of earlier versions are refused
+    """The check: and validation: sections made ready for the schema: the flat keys of earlier versions are refused
     by name, and values given on the command line (--config 'check={length: 1024}'), which
     Snakemake passes on as strings inside a mapping, are read as YAML scalars."""
     flat = sorted(key for key in config if key.startswith("check_"))
@@ -39,12 +41,13 @@ def _check_section(config):
             f"config keys {', '.join(flat)} are now under check: (e.g. check: {{length: 2048}}; "
             f"on the command line --config 'check={{length: 2048}}')"
         )
-    section = config.get("check")
-    if isinstance(section, dict):
-        config["check"] = {
-            key: _scalar(value) if isinstance(value, str) else value
-            for key, value in section.items()
-        }
+    for name in ("check", "validation"):
+        section = config.get(name)
+        if isinstance(section, dict):
+            config[name] = {
+                key: _scalar(value) if isinstance(value, str) and key != "data" else value
+                for key, value in section.items()
+            }
 
 
 def _scalar(text):
@@ -99,6 +102,12 @@ NOT_READ = {
 }
 RELATIVE_PATHS = {
     key: os.path.relpath(path, INPUT_ROOT) for key, path in SOURCES.items()
+}
+# What each language pair's validation loss is computed on (its shard, as it is now): a changed
+# setting or shard reruns the plan, which gives only the files it concerns a new job.
+VALIDATION_SHARDS = {
+    lang: validation_plan(config["validation"], lang)
+    for lang in sorted({lang_and_run(rel)[0] for rel in RELATIVE_PATHS.values()})
 }
 
 
@@ -156,15 +165,11 @@ def batch_runtime(wildcards):
 
 
 def report_inputs(wildcards):
-    """The plan, and a check record for each file it says to convert."""
+    """The plan, and a check record for each file it gives a job (to convert, or to evaluate)."""
     plan = checkpoints.plan.get().output.plan
     return {
         "plan": plan,
-        "checks": [
-            LAYOUT.check(key)
-            for key, status in read_plan(plan)
-            if status == "to_convert"
-        ],
+        "checks": [LAYOUT.check(key) for key, _, batch in read_plan(plan) if batch],
     }
 
 

@@ -24,6 +24,8 @@ checkpoint plan:
         identities=source_identities(SOURCES),
         relative=RELATIVE_PATHS,
         not_read=NOT_READ,
+        validation=config["validation"],
+        validation_shards=VALIDATION_SHARDS,
         seconds=config["inspect_seconds"],
         memory_mb=config["inspect_memory_mb"],
         overrides=OVERRIDES,

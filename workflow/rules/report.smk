@@ -62,6 +62,11 @@ rule figures:
             category="Report",
             labels={"table": "all checkpoints (click a column to sort)"},
         ),
+        validation=report(
+            LAYOUT.figures["validation"],
+            caption="../report/validation_loss.rst",
+            category="Overview",
+        ),
         attention=report(
             LAYOUT.figures["attention"],
             caption="../report/needs_attention.rst",

@@ -3,4 +3,4 @@ from ckpt_migrate.pipeline import job_logging
 from ckpt_migrate.plots import write_report_figures
 
 job_logging(snakemake.log[0])
-write_report_figures(snakemake.input.csv, **{name: snakemake.output[name] for name in ("logit", "status", "table", "attention")})
+write_report_figures(snakemake.input.csv, **dict(snakemake.output.items()))

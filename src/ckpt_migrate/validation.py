@@ -1,0 +1,148 @@
+"""Validation loss on the lab's own held-out tokens, in modded-nanogpt's ``.bin`` shard format.
+
+A shard is a header of 256 int32 (magic 20240520, version 1, the token count, then unused),
+then that many uint16 token ids. The loss is the mean next-token cross-entropy of the first N
+predictions of the first shard (in sorted order) matching the config's glob, in sequences of T
+input tokens plus one, through the model's own forward: its soft-capped logits over the padded
+head, the windows and documents its family applies, fp32.
+
+Finding a shard and describing it are torch-free (the plan, on the login node, decides what to
+evaluate); reading tokens and the loss import numpy and torch when called.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+
+from .identity import file_identity
+from .isolate import display_path
+
+log = logging.getLogger(__name__)
+
+SHARD_MAGIC = 20240520  # modded-nanogpt's data/fineweb.py header
+SHARD_VERSION = 1
+HEADER_INT32 = 256  # header length in int32 values (1024 bytes)
+
+
+class ShardError(ValueError):
+    """A validation shard that is not modded-nanogpt's token format, or holds ids the model lacks."""
+
+
+def shard_for(data_glob: str, lang_pair: str) -> str | None:
+    """The first file in sorted order matching ``data_glob`` with ``{lang}`` replaced by
+    ``lang_pair`` (``eng_spa``), or None."""
+    if not data_glob:
+        return None
+    if "{lang}" in data_glob and not lang_pair:
+        return None  # a file outside a <lang>_owt_run_<n> folder has no language pair to look up
+    matches = sorted(glob.glob(os.path.expanduser(data_glob.replace("{lang}", glob.escape(lang_pair)))))
+    return matches[0] if matches else None
+
+
+def validation_plan(settings: dict | None, lang_pair: str) -> dict | None:
+    """What a file's validation is for: the settings, the shard and its identity (so that a changed
+    setting or shard is evaluated again, and nothing else); None when validation is off or there is
+    no shard for this language pair."""
+    settings = settings or {}
+    shard = shard_for(settings.get("data") or "", lang_pair)
+    if shard is None:
+        return None
+    return {"data": settings["data"], "tokens": int(settings["tokens"]),
+            "sequence_length": int(settings["sequence_length"]), "shard": os.path.abspath(shard),
+            "shard_identity": file_identity(shard, with_content=True)}
+
+
+def held_out_file(path: str, tokens: int, sequence_length: int) -> dict:
+    """The validation of ``ckpt-migrate check --val-data FILE``: that one shard (ValueError naming
+    what is wrong with the numbers or the file)."""
+    if tokens < 1 or sequence_length < 1:
+        raise ValueError(f"--val-tokens and --val-sequence-length must be positive, not {tokens}, {sequence_length}")
+    if not os.path.isfile(path):
+        raise ShardError(f"{display_path(path)}: no such token shard")
+    read_shard(path, 0)  # its header, before any model is built
+    return {"data": path, "tokens": tokens, "sequence_length": sequence_length, "shard": os.path.abspath(path),
+            "shard_identity": file_identity(path, with_content=True)}
+
+
+def read_shard(path: str, max_tokens: int | None = None):
+    """The shard's token ids as a 1-D int64 torch tensor (the first ``max_tokens`` of them);
+    :class:`ShardError` naming the file when it is not that format."""
+    import numpy as np
+    import torch
+
+    name = display_path(path)
+    try:
+        size = os.path.getsize(path)
+        if size < HEADER_INT32 * 4:
+            raise ShardError(f"{name}: {size} bytes, shorter than a token shard's 1024-byte header")
+        header = np.fromfile(path, dtype="<i4", count=HEADER_INT32)
+        if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+            raise ShardError(f"{name}: not a modded-nanogpt token shard (header starts {int(header[0])}, "
+                             f"{int(header[1])}; expected magic {SHARD_MAGIC}, version {SHARD_VERSION})")
+        count = int(header[2])
+        if count < 0 or HEADER_INT32 * 4 + 2 * count != size:
+            raise ShardError(f"{name}: its header says {count} tokens, but the file holds "
+                             f"{(size - HEADER_INT32 * 4) / 2:g} (a truncated or damaged shard)")
+        count = count if max_tokens is None else min(count, max_tokens)
+        tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INT32 * 4, shape=(count,))
+        return torch.from_numpy(tokens.astype(np.int64))
+    except OSError as exc:
+        raise ShardError(f"{name}: cannot read it ({exc.strerror or exc})") from None
+
+
+def shard_tokens(plan: dict, vocab_size: int):
+    """The tokens a validation needs (N predictions: N + 1 tokens) from its shard, checked against
+    the model's vocabulary."""
+    tokens = read_shard(plan["shard"], plan["tokens"] + 1)
+    if len(tokens) < 2:
+        raise ShardError(f"{display_path(plan['shard'])}: fewer than 2 tokens, nothing to predict")
+    largest = int(tokens.max())
+    if largest >= vocab_size:
+        raise ShardError(f"{display_path(plan['shard'])}: token id {largest} is outside the model's vocabulary "
+                         f"of {vocab_size} (a shard of another tokenizer?)")
+    return tokens
+
+
+def validation_loss(model, tokens, sequence_length: int, device: str) -> dict:
+    """Mean next-token cross-entropy of ``model`` over ``tokens`` (1-D: every token but the last is
+    an input, every one but the first a target), in sequences of ``sequence_length`` inputs, fp32."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from .check import CHUNK_ELEMENTS, no_tf32
+
+    t0 = time.perf_counter()
+    predictions = len(tokens) - 1
+    total = 0.0
+    model.to(device)
+    model.compute_dtype = torch.float32
+    rows = max(1, CHUNK_ELEMENTS // model.cfg.padded_vocab)
+    with torch.no_grad(), no_tf32():
+        for start in range(0, predictions, sequence_length):
+            seq = tokens[start:start + sequence_length + 1].to(device)
+            hidden = model.hidden(seq[None, :-1])[0]  # (t, D)
+            targets = seq[1:]
+            for row in range(0, len(targets), rows):
+                logits = model.logits(hidden[row:row + rows])  # (rows, padded_vocab), soft-capped, fp32
+                total += float(F.cross_entropy(logits, targets[row:row + rows], reduction="sum").double())
+    result = {"val_loss": total / predictions, "val_tokens": predictions,
+              "val_seconds": round(time.perf_counter() - t0, 3)}
+    log.info("validation: loss %.4f over %d tokens in %.1f s", result["val_loss"], predictions, result["val_seconds"])
+    return result
+
+
+def evaluate(model, plan: dict | None, device: str) -> dict:
+    """The validation fields of a check record: the loss per :func:`validation_loss`, or empty
+    values with the reason when there is no shard or it cannot be used."""
+    if plan is None:
+        return {"val_loss": None, "val_tokens": None, "validation": None}
+    fields = {"validation": plan, "val_data": display_path(plan["shard"])}
+    try:
+        tokens = shard_tokens(plan, model.cfg.vocab_size)
+    except ShardError as exc:
+        return {**fields, "val_loss": None, "val_tokens": None, "val_error": str(exc)}
+    return {**fields, **validation_loss(model, tokens, plan["sequence_length"], device)}
