@@ -278,6 +278,33 @@ def save(obj, path: str) -> str:
     return path
 
 
+def documents(vocab: int, count: int, eot_token: int, seed: int = 0) -> torch.Tensor:
+    """``count`` random token ids in documents of 20 to 600 tokens, each starting with ``eot_token``."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (count,), generator=gen)
+    tokens[tokens == eot_token] = (eot_token + 1) % vocab
+    position = 0
+    while position < count:
+        tokens[position] = eot_token
+        position += int(torch.randint(20, 600, (1,), generator=gen))
+    return tokens
+
+
+def write_token_shard(path: str, tokens) -> str:
+    """``tokens`` as a modded-nanogpt ``.bin`` shard: 256 int32 of header (magic, version, count), uint16 ids."""
+    import numpy as np
+
+    from .validation import HEADER_INT32, SHARD_MAGIC, SHARD_VERSION
+
+    header = np.zeros(HEADER_INT32, dtype="<i4")
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+    return path
+
+
 # The built-in demo tree: (relative path, family, variant, step); one of each kind of file.
 DEMO_TREE = [
     ("eng_spa_owt_run_1/best_state_1000.pt", "small", "v2", 1000),
@@ -288,15 +315,25 @@ DEMO_TREE = [
 ]
 
 
+DEMO_EOT_TOKEN = 1  # the demo's document separator, inside its 1,000-token vocabulary
+DEMO_HELD_OUT = ("eng_spa", "hin_urd")  # language pairs the demo has held-out tokens for
+
+
 def make_demo_tree(root: str, vocab: int = 1000, model_dim: int = 128, with_bad_files: bool = True) -> list[str]:
-    """Write a small ``clean_bbpe_50k``-style tree under ``root``; returns the paths written."""
+    """Write a small ``clean_bbpe_50k``-style tree under ``root``, and a held-out token shard per
+    pair of :data:`DEMO_HELD_OUT` beside it (``<root>/../held_out/<lang>_val_000000.bin``);
+    returns the checkpoint paths written."""
     paths = []
     for seed, (rel, family, variant, step) in enumerate(DEMO_TREE):
         if family == "small":
             sd = small_state_dict(variant, vocab=vocab, model_dim=model_dim, num_heads=model_dim // 128, seed=seed)
         else:
             sd = medium_state_dict(vocab=vocab, model_dim=model_dim, num_heads=model_dim // 128, seed=seed)
-        paths.append(save(upstream_checkpoint(sd, family, step=step, num_iterations=1000), os.path.join(root, rel)))
+        paths.append(save(upstream_checkpoint(sd, family, step=step, num_iterations=1000, eot_token=DEMO_EOT_TOKEN),
+                          os.path.join(root, rel)))
+    for seed, lang in enumerate(DEMO_HELD_OUT):
+        write_token_shard(os.path.join(os.path.dirname(os.path.abspath(root)), "held_out", f"{lang}_val_000000.bin"),
+                          documents(vocab, 8193, DEMO_EOT_TOKEN, seed))
     if with_bad_files:
         # A file cut off mid-write, as a run still saving would leave it.
         whole = open(paths[0], "rb").read()

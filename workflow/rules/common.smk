@@ -45,7 +45,11 @@ def _check_section(config):
         section = config.get(name)
         if isinstance(section, dict):
             config[name] = {
-                key: _scalar(value) if isinstance(value, str) and key != "data" else value
+                key: (
+                    _scalar(value)
+                    if isinstance(value, str) and key != "data"
+                    else value
+                )
                 for key, value in section.items()
             }
 
