@@ -10,6 +10,7 @@ import torch
 
 from ckpt_migrate import synthetic
 
+from . import upstream_flex  # noqa: F401 (attention="flex": upstream's own attention, for the tests)
 from .builders import VOCAB  # noqa: F401 (the tests import it from here)
 
 EARLY_STEP = 100  # of 1000: long window 2 blocks, short 1 block, so windows bite at 512 tokens

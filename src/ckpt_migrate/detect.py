@@ -146,6 +146,15 @@ def find_state_dict(obj: Any) -> tuple[dict | None, str]:
     return (obj[found[0]], found[0]) if found else (None, "")
 
 
+BARE_STATE_DICT = "(bare state dict)"  # the record's wrapper when the file is the state dict itself
+
+
+def state_dict_of(obj: Any, record: ManifestRecord) -> dict:
+    """The state dict detection found in ``obj``, where its record says it is (not searched again)."""
+    wrapper = record.get("wrapper")
+    return obj if wrapper == BARE_STATE_DICT else obj[wrapper]
+
+
 def _guess_family(keys: set[str]) -> tuple[str, str]:
     """Which family the key names point at: (family, variant); ("", "") if neither."""
     if "lm_head_w" in keys or any(k.endswith(".attn.qkvo_w") for k in keys):
@@ -324,7 +333,7 @@ def record_from_inspection(path: str, inspection: ArchiveInspection,
     if len(stripped) != len(state_dict):
         record.update(status="unknown", reason="two keys collide once _orig_mod./module. prefixes are stripped")
         return record
-    record["wrapper"] = wrapper or "(bare state dict)"
+    record["wrapper"] = wrapper or BARE_STATE_DICT
     record["prefixes_stripped"] = sorted({k[: len(k) - len(strip_prefixes(k))] for k in state_dict} - {""})[:4]
     record.update(classify(stripped))
     record["reason"] = one_line(record["reason"], MAX_REASON)

@@ -8,11 +8,10 @@
 
 Both take token ids ``[B, T]`` and return float32 logits ``[B, T, padded_vocab]`` after the
 family's soft-cap: the numbers the validation loss saw. Attention takes one mask rule (causal,
-same document, key block within the layer's window) three ways: ``"sdpa"`` (a dense boolean
-mask, the evaluation model's), ``"math"`` (the same mask, softmax written out: what eager flex
-computes, used by the check's reference forward) and ``"flex"`` (upstream's flex attention, whose
-block masks' ``mask_mod`` carries the sliding window itself: eager flex ignores a block mask's
-block counts, where upstream put the window; kept for the tests that hold the others to it).
+same document, key block within the layer's window) two ways: ``"sdpa"`` (a dense boolean
+mask, the evaluation model's) and ``"math"`` (the same mask, softmax written out: what eager flex
+computes, used by the check's reference forward). The tests hold both to upstream's own flex
+attention (``tests/upstream_flex.py`` adds it as a third way).
 Computation runs in the embedding dtype and every weight is cast to it at use, as upstream does:
 fp32 models compute in fp32 throughout, bf16 embeddings give the training-time bf16 flow.
 """
@@ -76,23 +75,13 @@ def dense_mask(input_ids: torch.Tensor, eot_token: int | None, window_blocks: in
     return allowed(pos[:, None], pos[None, :], same_doc, window_blocks)[:, None]
 
 
-def flex_block_mask(input_ids: torch.Tensor, eot_token: int | None, window_blocks: int):
-    """Flex-attention BlockMask for the same rule as :func:`dense_mask`."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    docs = document_ids(input_ids, eot_token)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return allowed(q_idx, kv_idx, docs[b, q_idx] == docs[b, kv_idx], window_blocks)
-
-    B, T = input_ids.shape
-    return create_block_mask(mask_mod, B, None, T, T, device=input_ids.device)
-
-
 class MathMask(NamedTuple):
     """A dense boolean mask that asks :func:`attend` for attention written out step by step."""
 
     allowed: torch.Tensor  # (B, 1, T, T)
+
+    def attend(self, q, k, v, scale: float) -> torch.Tensor:
+        return math_attention(q, k, v, self.allowed, scale)
 
 
 def math_mask(input_ids: torch.Tensor, eot_token: int | None, window_blocks: int) -> MathMask:
@@ -117,7 +106,7 @@ SPLIT_HEADS_SCORE_BYTES = 64 << 20
 
 def attend(q, k, v, mask, scale: float = ATTN_SCALE) -> torch.Tensor:
     """Attention over (B, H, T, hd) with logits scaled by ``scale``: sdpa for a dense boolean mask,
-    :func:`math_attention` for a :class:`MathMask`, eager flex attention for a flex BlockMask."""
+    else the mask's own ``attend`` (:func:`math_attention` for a :class:`MathMask`)."""
     if isinstance(mask, torch.Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     B, H, T, _ = q.shape
@@ -125,19 +114,11 @@ def attend(q, k, v, mask, scale: float = ATTN_SCALE) -> torch.Tensor:
         # Heads are independent and share the mask: one at a time gives the same numbers with a
         # sixth of the memory, and is faster on the CPU too.
         return torch.cat([attend(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], mask, scale) for h in range(H)], dim=1)
-    if isinstance(mask, MathMask):
-        return math_attention(q, k, v, mask.allowed, scale)
-    import warnings
-
-    from torch.nn.attention.flex_attention import flex_attention
-
-    with warnings.catch_warnings():  # eager flex warns that it is unfused; that is intended here
-        warnings.simplefilter("ignore", UserWarning)
-        return flex_attention(q, k, v, block_mask=mask, scale=scale)
+    return mask.attend(q, k, v, scale)
 
 
 # How each attention implementation takes the mask rule (see attend).
-MASK_BUILDERS = {"sdpa": dense_mask, "math": math_mask, "flex": flex_block_mask}
+MASK_BUILDERS = {"sdpa": dense_mask, "math": math_mask}
 
 
 def softcap(z: torch.Tensor, family: Family, model_dim: int, kind: str = "") -> torch.Tensor:
@@ -340,9 +321,9 @@ class _GPT(nn.Module):
 
 
 class GPTFlexAttention(_GPT):
-    """train_gpt_small.py's model in its original layout (v1 or v2), flex attention by default."""
+    """train_gpt_small.py's model in its original layout (v1 or v2)."""
 
-    def __init__(self, cfg: GPTConfig, variant: str, attention: str = "flex",
+    def __init__(self, cfg: GPTConfig, variant: str, attention: str = "math",
                  scalars_len: int | None = None, device=None):
         super().__init__(cfg, attention, device)
         if cfg.family != "small" or variant not in ("v1", "v2"):

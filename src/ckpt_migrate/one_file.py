@@ -20,7 +20,7 @@ from . import converted_format  # "converted" names the converted weights below
 from .atomic import PendingFile
 from .check import CheckDeviceError, CheckSettings, logit_check
 from .key_mapping import ConversionError, check_finite, convert_state_dict
-from .detect import ManifestRecord, find_state_dict, record_from_inspection, strip_prefixes
+from .detect import ManifestRecord, record_from_inspection, state_dict_of, strip_prefixes
 from .families import FAMILIES, GPTConfig
 from .fingerprint import converter_fingerprint
 from .heap import return_freed_memory
@@ -43,7 +43,7 @@ def load_source(path: str, overrides: dict | None = None) -> tuple[ManifestRecor
     obj = checkpoint.inspection.obj
     if record["format"] == converted_format.FORMAT:
         return record, checkpoint, {k: checkpoint.tensor(v) for k, v in obj["model"].items()}
-    state_dict, _ = find_state_dict(obj)
+    state_dict = state_dict_of(obj, record)  # where detection found it, in this same read
     return record, checkpoint, {strip_prefixes(k): checkpoint.tensor(v) for k, v in state_dict.items()}
 
 
