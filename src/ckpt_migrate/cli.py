@@ -166,13 +166,17 @@ def cmd_demo_tree(args) -> int:
 def _add_check_options(p: argparse.ArgumentParser) -> None:
     """The check's options, with CheckSettings' defaults (the pipeline's schema has the same)."""
     default = {f.name: f.default for f in fields(CheckSettings)}
-    p.add_argument("--batch", type=int, default=default["batch"], help=f"sequences per check batch (default: {default['batch']})")
-    p.add_argument("--length", type=int, default=default["length"], help=f"tokens per sequence (default: {default['length']})")
-    p.add_argument("--seed", type=int, default=default["seed"], help=f"token generator seed (default: {default['seed']})")
+    p.add_argument("--batch", type=int, default=default["batch"],
+                   help=f"sequences per check batch (default: {default['batch']})")
+    p.add_argument("--length", type=int, default=default["length"],
+                   help=f"tokens per sequence (default: {default['length']})")
+    p.add_argument("--seed", type=int, default=default["seed"],
+                   help=f"token generator seed (default: {default['seed']})")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=default["dtype"],
                    help=f"(default: {default['dtype']})")
     p.add_argument("--tolerance", type=float, default=default["tolerance"], help="max |logit diff| (default: by dtype)")
-    p.add_argument("--device", default=default["device"], help=f"cpu, cuda, cuda:N or auto (default: {default['device']})")
+    p.add_argument("--device", default=default["device"],
+                   help=f"cpu, cuda, cuda:N or auto (default: {default['device']})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,8 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="Snakemake profile folder, e.g. profiles/slurm")
     p.add_argument("--workflow-profile", help="a second profile whose keys replace the first's (as in Snakemake)")
     p.add_argument("--configfile", default="config/config.yaml", help="workflow config (default: config/config.yaml)")
-    p.add_argument("--config", nargs="*", metavar="KEY=VALUE", help="config overrides, as snakemake --config takes them")
-    p.add_argument("--probe", action="store_true", help="submit one short job to the conversion partition and report it")
+    p.add_argument("--config", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, as snakemake --config takes them")
+    p.add_argument("--probe", action="store_true",
+                   help="submit one short job to the conversion partition and report it")
     p.add_argument("--local", action="store_true", help="run the probe here instead of through SLURM")
     p.set_defaults(func=cmd_doctor)
 

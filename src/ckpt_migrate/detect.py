@@ -309,7 +309,8 @@ def record_from_inspection(path: str, inspection: ArchiveInspection,
     except OSError:
         pass
     if inspection.status != "ok":
-        record.update(format=inspection.status, status=inspection.status, reason=one_line(inspection.reason, MAX_REASON))
+        record.update(format=inspection.status, status=inspection.status,
+                      reason=one_line(inspection.reason, MAX_REASON))
         return record
     record["pickle_protocol"] = inspection.protocol
     record["pickle_objects"] = [one_line(name, 80) for name in inspection.objects[:20]]

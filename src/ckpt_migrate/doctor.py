@@ -140,7 +140,8 @@ def slurm_findings(profile: dict, config: dict | None = None) -> list[Finding]:
             found.append(Finding("FAIL", f"{role} partition {name!r} does not exist",
                                  f"set slurm_partition to one of {', '.join(sorted(partitions))} in the profile"))
         elif part["avail"] != "up":
-            found.append(Finding("FAIL", f"{role} partition {name!r} is {part['avail']}", "ask the admins, or pick another"))
+            found.append(Finding("FAIL", f"{role} partition {name!r} is {part['avail']}",
+                                 "ask the admins, or pick another"))
         else:
             found.append(Finding("ok", f"{role} partition {name!r} is up"))
     conversion = partitions.get(request.get("slurm_partition") or "")
@@ -165,7 +166,8 @@ def _fit_findings(request: dict, part: dict) -> list[Finding]:
         biggest = max(usable, key=lambda n: (n["mem_mb"], n["cpus"]))
         found.append(Finding("FAIL", f"no node in {name!r} fits a conversion job ({cpus} CPUs, {mem} MB); "
                                      f"the largest has {biggest['cpus']} CPUs, {biggest['mem_mb']} MB",
-                             f"lower cpus_per_task / mem_mb under set-resources: {CONVERT_RULE} (the job would pend for ever)"))
+                             f"lower cpus_per_task / mem_mb under set-resources: {CONVERT_RULE} "
+                             f"(the job would pend for ever)"))
     elif fits:
         found.append(Finding("ok", f"{len(fits)} node(s) in {name!r} fit a conversion job ({cpus} CPUs, {mem} MB"
                                    + (", a GPU)" if wants_gpu else ")")))
@@ -241,7 +243,8 @@ def storage_findings(config: dict) -> list[Finding]:
             pass
         found.append(Finding("ok", f"output_root {out} is writable"))
     except OSError as exc:
-        found.append(Finding("FAIL", f"output_root {out} is not writable ({exc.strerror})", "pick a folder you can write"))
+        found.append(Finding("FAIL", f"output_root {out} is not writable ({exc.strerror})",
+                             "pick a folder you can write"))
     local = next((p for p in NODE_LOCAL if out == p or out.startswith(p + "/")), None)
     if local:
         found.append(Finding("FAIL", f"output_root {out} is on a node-local filesystem ({local})",
@@ -253,7 +256,8 @@ def storage_findings(config: dict) -> list[Finding]:
     need, how = _bytes_needed(out, matches)
     free = shutil.disk_usage(probe_dir).free
     found.append(Finding("ok" if free >= need else "FAIL",
-                         f"{free / 2**30:.1f} GiB free for output_root; converted files need {how} {need / 2**30:.1f} GiB",
+                         f"{free / 2**30:.1f} GiB free for output_root; "
+                         f"converted files need {how} {need / 2**30:.1f} GiB",
                          "" if free >= need else "free space or move output_root"))
     return found
 
@@ -369,7 +373,8 @@ def run_doctor(profile_dir: str | None, workflow_profile: str | None, configfile
     if profile.get("executor") == "slurm" and not local:
         found += slurm_findings(profile, config)
     elif profile_dir:
-        found.append(Finding("ok", f"profile {profile_dir} runs jobs with the {profile.get('executor', 'local')} executor"))
+        executor = profile.get("executor", "local")
+        found.append(Finding("ok", f"profile {profile_dir} runs jobs with the {executor} executor"))
     found += storage_findings(config)
     found.append(torch_finding())
     if do_probe or local:

@@ -87,7 +87,8 @@ def num_iterations_from_code(code: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-_EOT_IN_CODE = re.compile(r"docs[ \t]{0,16}=[ \t]{0,16}\([ \t]{0,16}input_seq[ \t]{0,16}==[ \t]{0,16}(\d{1,12})[ \t]{0,16}\)")
+_EOT_IN_CODE = re.compile(r"docs[ \t]{0,16}=[ \t]{0,16}\([ \t]{0,16}input_seq[ \t]{0,16}==[ \t]{0,16}"
+                          r"(\d{1,12})[ \t]{0,16}\)")
 
 
 def eot_token_from_code(code: str | None) -> int | None:

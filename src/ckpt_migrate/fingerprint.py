@@ -18,8 +18,8 @@ import os
 READER_MODULES = ("safe_pickle.py", "pickle_machine.py", "pickle_input.py", "pickle_opcodes.py", "pickle_allowlist.py",
                   "pickle_checks.py", "pickle_torch.py", "pickle_numpy.py", "pickle_values.py")
 CONVERTER_MODULES = (*READER_MODULES, "loader.py", "detect.py", "families.py", "forward_variant.py", "code_lines.py",
-                     "key_mapping.py", "models.py", "check.py", "check_settings.py", "one_file.py", "converted_format.py",
-                     "atomic.py", "identity.py")
+                     "key_mapping.py", "models.py", "check.py", "check_settings.py", "one_file.py",
+                     "converted_format.py", "atomic.py", "identity.py")
 
 
 # What decides a manifest: the reader, the classification, and the isolation around it.

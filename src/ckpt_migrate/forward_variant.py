@@ -20,7 +20,8 @@ from __future__ import annotations
 import re
 
 from .families import ATTN_SCALE, FAMILY_SOFTCAPS, HEAD_DIM, Family
-from .code_lines import MAX_LINE, Line, Reading, find_lines, lines_holding, show_line, strip_comment, unknown, record_use
+from .code_lines import (MAX_LINE, Line, Reading, find_lines, lines_holding, record_use, show_line, strip_comment,
+                         unknown)
 
 # The forward parameters GPTConfig carries (their defaults are the families' own forwards).
 SOFTCAPS = {
@@ -350,9 +351,10 @@ def _read_structure(reading: Reading, family: Family) -> None:
         return
     _read_table(reading, "MLP activation", lines_holding(reading, *_ACTIVATION_NEEDLES), _ACTIVATION_KNOWN,
                 ("x=F.relu(x).square()",), "x = F.relu(x).square()")
-    _read_table(reading, "rotary embedding", lines_holding(reading, "angular_freq"), _ROTARY_KNOWN, ("freq", "truncate"),
-                "angular_freq = (1 / 1024) ** linspace(0, 1, dim//4), then dim//4 zeros")
-    _read_table(reading, "QK norm", lines_holding(reading, "norm(q)"), {_QK_NORM}, (_QK_NORM,), "q, k = norm(q), norm(k)")
+    _read_table(reading, "rotary embedding", lines_holding(reading, "angular_freq"), _ROTARY_KNOWN,
+                ("freq", "truncate"), "angular_freq = (1 / 1024) ** linspace(0, 1, dim//4), then dim//4 zeros")
+    _read_table(reading, "QK norm", lines_holding(reading, "norm(q)"), {_QK_NORM}, (_QK_NORM,),
+                "q, k = norm(q), norm(k)")
     _read_table(reading, "embedding norm", lines_holding(reading, "self.embed(", starts=("x=",)), _EMBED_KNOWN,
                 tuple(_EMBED_KNOWN), "x = x0 = norm(self.embed(input_seq)[None])")
     _read_windows(reading, family)
@@ -392,7 +394,8 @@ def _read_windows(reading: Reading, family: Family) -> None:
         reading.problems.append(f"the training code's window schedule is not a {family.name} model's")
         return
     if family.name == "medium":
-        _read_table(reading, "window schedule factor", lines_holding(reading, "factor =", "factor=", starts=("factor=",)),
+        factor_lines = lines_holding(reading, "factor =", "factor=", starts=("factor=",))
+        _read_table(reading, "window schedule factor", factor_lines,
                     {_MEDIUM_FACTOR}, (_MEDIUM_FACTOR,), "factor = 4 * x ** 3 - 6 * x ** 2 + 3 * x")
 
 

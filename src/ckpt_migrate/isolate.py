@@ -119,7 +119,8 @@ def detect_isolated(path: str, seconds: float = DEFAULT_SECONDS, memory_mb: int 
         what = ("ran out of its CPU time budget" if sig == signal.SIGXCPU
                 else f"was killed by {signal.Signals(sig).name}" if sig in signal.Signals._value2member_map_
                 else f"was killed by signal {sig}")
-        return _detect(path, seconds, overrides, f"the reader {what} (memory budget {memory_mb} MB, time {seconds:g} s)")
+        budget = f"memory budget {memory_mb} MB, time {seconds:g} s"
+        return _detect(path, seconds, overrides, f"the reader {what} ({budget})")
     try:
         result = json.loads(b"".join(chunks))
     except ValueError:

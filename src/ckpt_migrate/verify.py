@@ -47,7 +47,8 @@ def verify_outputs(output_root: str, recheck: bool = False, settings: dict | Non
                 continue
             digest = sha256_file(path)
             if digest != record.get("sha256"):
-                problems.append(f"changed: {path}: sha256 {digest[:16]}... != recorded {str(record.get('sha256'))[:16]}... "
+                expected = str(record.get("sha256"))[:16]
+                problems.append(f"changed: {path}: sha256 {digest[:16]}... != recorded {expected}... "
                                 f"(delete {record_path} and rerun with --forcerun plan to convert it again)")
                 continue
             source = (os.fsdecode(bytes.fromhex(record["source_path_hex"])) if record.get("source_path_hex")
