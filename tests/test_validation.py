@@ -129,6 +129,18 @@ def test_validation_loss_is_upstreams_cross_entropy_on_the_same_tokens(tmp_path,
     assert abs(upstream_cross_entropy(upstream, tokens, 1000, 384) - expected) > 1e-4
 
 
+def test_sequences_batched_per_forward_give_the_loss_of_one_at_a_time(tmp_path):
+    from ckpt_migrate.validation import validation_loss
+
+    record, _, state_dict = load_source(checkpoint(tmp_path, "medium"))
+    model = build_model(GPTBatched, GPTConfig.from_record(record), state_dict)
+    tokens = held_out_tokens(1000)  # 999 predictions: 7 full sequences of 128 and one of 103
+    one = validation_loss(model, tokens, 128, "cpu", sequences_per_forward=1)
+    batched = validation_loss(model, tokens, 128, "cpu", sequences_per_forward=3)
+    assert one["val_tokens"] == batched["val_tokens"] == 999
+    assert abs(one["val_loss"] - batched["val_loss"]) <= 1e-5
+
+
 def test_a_shard_that_is_not_the_token_format_is_named(tmp_path):
     bad_magic = write_shard(tmp_path / "a.bin", [1, 2, 3], magic=12345)
     with pytest.raises(ShardError, match=r"a\.bin: not a modded-nanogpt token shard"):

@@ -105,9 +105,15 @@ def shard_tokens(plan: dict, vocab_size: int):
     return tokens
 
 
-def validation_loss(model, tokens, sequence_length: int, device: str) -> dict:
+# Input tokens per forward on a GPU (16 sequences of 2048): a batch keeps the GPU busy where one
+# sequence at a time would leave it idle between kernels. One sequence at a time on the CPU.
+GPU_TOKENS_PER_FORWARD = 1 << 15
+
+
+def validation_loss(model, tokens, sequence_length: int, device: str, sequences_per_forward: int | None = None) -> dict:
     """Mean next-token cross-entropy of ``model`` over ``tokens`` (1-D: every token but the last is
-    an input, every one but the first a target), in sequences of ``sequence_length`` inputs, fp32."""
+    an input, every one but the first a target), in sequences of ``sequence_length`` inputs, fp32;
+    ``sequences_per_forward`` of them at a time (default: by the device)."""
     import time
 
     import torch
@@ -116,16 +122,23 @@ def validation_loss(model, tokens, sequence_length: int, device: str) -> dict:
     from .check import CHUNK_ELEMENTS, no_tf32
 
     t0 = time.perf_counter()
-    predictions = len(tokens) - 1
+    predictions, length = len(tokens) - 1, sequence_length
+    if sequences_per_forward is None:
+        sequences_per_forward = max(1, GPU_TOKENS_PER_FORWARD // length) if device.startswith("cuda") else 1
+    full = predictions // length
+    # (inputs, targets) batches: the full sequences, then the shorter last one.
+    batches = [(tokens[s * length:e * length].view(-1, length), tokens[s * length + 1:e * length + 1].view(-1, length))
+               for s, e in ((s, min(s + sequences_per_forward, full)) for s in range(0, full, sequences_per_forward))]
+    if predictions > full * length:
+        batches.append((tokens[full * length:predictions][None], tokens[full * length + 1:][None]))
     total = 0.0
     model.to(device)
     model.compute_dtype = torch.float32
     rows = max(1, CHUNK_ELEMENTS // model.cfg.padded_vocab)
     with torch.no_grad(), no_tf32():
-        for start in range(0, predictions, sequence_length):
-            seq = tokens[start:start + sequence_length + 1].to(device)
-            hidden = model.hidden(seq[None, :-1])[0]  # (t, D)
-            targets = seq[1:]
+        for inputs, targets in batches:
+            hidden = model.hidden(inputs.to(device)).flatten(0, 1)  # (B * T, D)
+            targets = targets.to(device).flatten()
             for row in range(0, len(targets), rows):
                 logits = model.logits(hidden[row:row + rows])  # (rows, padded_vocab), soft-capped, fp32
                 total += float(F.cross_entropy(logits, targets[row:row + rows], reduction="sum").double())
