@@ -7,6 +7,9 @@ links to a few tiny real checkpoints: mostly medium (detection only), some small
 Measured, each as wall time of the whole `snakemake` process and the jobs it ran per rule:
 1. the first run; 2. `snakemake -n` on the finished tree; 3. a rerun with nothing new;
 4. a rerun after one new run directory lands (it must run only that directory's jobs).
+And the naive paths they are held to, in the same run: one `ckpt-migrate inspect` process over
+every file (target: first run <= 30x it), and a no-op rerun of a trivial one-rule workflow
+(target: our no-op rerun <= 3x it).
 """
 
 from __future__ import annotations
@@ -46,6 +49,29 @@ def run(cmd: list[str]) -> dict:
     return {"wall_s": round(wall, 2), "jobs": jobs_by_rule(out), "nothing_to_do": "Nothing to be done" in out}
 
 
+def inspect_all(root: str) -> dict:
+    """One `ckpt-migrate inspect` process over every checkpoint of the tree."""
+    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
+    cli = os.path.join(os.path.dirname(sys.executable), "ckpt-migrate")
+    t0 = time.perf_counter()
+    proc = subprocess.run([cli, "inspect", *paths], capture_output=True, text=True)
+    return {"wall_s": round(time.perf_counter() - t0, 2), "files": len(paths), "exit": proc.returncode}
+
+
+def trivial_noop(work: str) -> dict:
+    """A no-op rerun of a one-rule workflow: what Snakemake itself costs to say "Nothing to be done"."""
+    folder = os.path.join(work, "trivial")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "Snakefile"), "w") as f:
+        f.write('rule all:\n    input: "done.txt"\n\nrule make:\n    output: "done.txt"\n    shell: "touch {output}"\n')
+    cmd = [os.path.join(os.path.dirname(sys.executable), "snakemake"), "--cores", "1", "--directory", folder,
+           "--snakefile", os.path.join(folder, "Snakefile")]
+    subprocess.run(cmd, capture_output=True, check=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return {"wall_s": round(time.perf_counter() - t0, 2), "nothing_to_do": "Nothing to be done" in proc.stdout + proc.stderr}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", required=True)
@@ -80,6 +106,14 @@ def main() -> int:
     os.link(small, os.path.join(folder, "best_state_5000.pt"))
     results["one_new_run"] = run(snakemake)
     print("one new run", results["one_new_run"], flush=True)
+    results["inspect_every_file_one_process"] = inspect_all(root)
+    results["trivial_workflow_noop"] = trivial_noop(args.work)
+    results["first_run_over_inspect"] = round(results["first_run"]["wall_s"]
+                                              / results["inspect_every_file_one_process"]["wall_s"], 1)
+    results["noop_over_trivial_noop"] = round(results["noop_rerun"]["wall_s"]
+                                              / results["trivial_workflow_noop"]["wall_s"], 2)
+    print({k: results[k] for k in ("inspect_every_file_one_process", "trivial_workflow_noop", "first_run_over_inspect",
+                                   "noop_over_trivial_noop")}, flush=True)
     save_result(args.out, results)
     return 0
 
