@@ -163,6 +163,25 @@ def test_a_shard_of_another_tokenizer_is_a_named_error_not_a_crash(tmp_path):
     assert result["val_loss"] is None and "token id 60000 is outside the model's vocabulary" in result["val_error"]
 
 
+def test_doctor_names_each_pairs_shard_and_what_is_wrong_with_it(tmp_path):
+    from ckpt_migrate.doctor import validation_findings
+
+    root = tmp_path / "tree"
+    for lang in ("eng_spa", "hin_urd", "tam_mal"):
+        (root / f"{lang}_owt_run_1").mkdir(parents=True)
+        (root / f"{lang}_owt_run_1" / "best_state_1.pt").write_bytes(b"x")
+    write_shard(tmp_path / "eng_spa.bin", list(range(50)))
+    write_shard(tmp_path / "hin_urd.bin", [1, 2], magic=7)
+    config = {"input_root": str(root), "glob": "*_owt_run_*/best_state_*.pt",
+              "validation": {"data": str(tmp_path / "{lang}.bin"), "tokens": 1000, "sequence_length": 64}}
+    lines = [f.line() for f in validation_findings(config)]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("warn") and "eng_spa.bin, 50 tokens" in lines[0] and "fewer than the 1,001" in lines[0]
+    assert lines[1].startswith("FAIL") and "hin_urd.bin: not a modded-nanogpt token shard" in lines[1]
+    assert lines[2].startswith("warn") and "for tam_mal: those files get no val_loss" in lines[2]
+    assert validation_findings({**config, "validation": {"data": None}}) == []
+
+
 def test_check_cli_reports_validation_loss(tmp_path):
     src = checkpoint(tmp_path, "small")
     shard = write_shard(tmp_path / "val.bin", held_out_tokens(600))

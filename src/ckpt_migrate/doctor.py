@@ -262,6 +262,40 @@ def storage_findings(config: dict) -> list[Finding]:
     return found
 
 
+def validation_findings(config: dict) -> list[Finding]:
+    """With ``validation: data`` set: which language pairs of the tree have a held-out shard, and
+    whether each shard is modded-nanogpt's token format (its header only: no torch here)."""
+    from .layout import checkpoint_sources, glob_problem, lang_and_run
+    from .validation import ShardError, shard_for, shard_length
+
+    settings = config.get("validation") or {}
+    data, root = settings.get("data"), os.path.abspath(os.path.expanduser(str(config.get("input_root", ""))))
+    pattern = str(config.get("glob", "*"))
+    if not data or not os.path.isdir(root) or glob_problem(pattern):
+        return []
+    langs = sorted({lang_and_run(os.path.relpath(p, root))[0] for p in checkpoint_sources(root, pattern).values()})
+    found, missing = [], []
+    for lang in langs:
+        shard = shard_for(data, lang)
+        if shard is None:
+            missing.append(lang or "(no language pair)")
+            continue
+        try:
+            count = shard_length(shard)
+        except ShardError as exc:
+            found.append(Finding("FAIL", f"validation shard for {lang}: {exc}",
+                                 "point validation: data at .bin shards"))
+            continue
+        wanted = int(settings.get("tokens") or 0) + 1
+        found.append(Finding("ok" if count >= wanted else "warn",
+                             f"validation shard for {lang}: {shard}, {count:,} tokens",
+                             "" if count >= wanted else f"it holds fewer than the {wanted:,} a full validation reads"))
+    if missing:
+        found.append(Finding("warn", f"no validation shard matches {data!r} for {', '.join(missing)}: those files "
+                             f"get no val_loss", "check validation: data ({lang} is the language pair)"))
+    return found
+
+
 def _bytes_needed(out: str, matches: list[str]) -> tuple[int, str]:
     """Model-weight bytes of the small files still to convert: from manifests, else file sizes (an upper bound)."""
     from .layout import OutputLayout
@@ -376,6 +410,7 @@ def run_doctor(profile_dir: str | None, workflow_profile: str | None, configfile
         executor = profile.get("executor", "local")
         found.append(Finding("ok", f"profile {profile_dir} runs jobs with the {executor} executor"))
     found += storage_findings(config)
+    found += validation_findings(config)
     found.append(torch_finding())
     if do_probe or local:
         found.append(probe(profile, local))

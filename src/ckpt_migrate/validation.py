@@ -61,9 +61,32 @@ def held_out_file(path: str, tokens: int, sequence_length: int) -> dict:
         raise ValueError(f"--val-tokens and --val-sequence-length must be positive, not {tokens}, {sequence_length}")
     if not os.path.isfile(path):
         raise ShardError(f"{display_path(path)}: no such token shard")
-    read_shard(path, 0)  # its header, before any model is built
+    shard_length(path)  # its header, before any model is built
     return {"data": path, "tokens": tokens, "sequence_length": sequence_length, "shard": os.path.abspath(path),
             "shard_identity": file_identity(path, with_content=True)}
+
+
+def shard_length(path: str) -> int:
+    """The token count of a shard, from its header (no numpy, no torch: ``doctor`` runs it on a login
+    node); :class:`ShardError` naming the file when it is not modded-nanogpt's token format."""
+    import struct
+
+    name = display_path(path)
+    try:
+        size = os.path.getsize(path)
+        if size < HEADER_INT32 * 4:
+            raise ShardError(f"{name}: {size} bytes, shorter than a token shard's 1024-byte header")
+        with open(path, "rb") as f:
+            magic, version, count = struct.unpack("<3i", f.read(12))
+    except OSError as exc:
+        raise ShardError(f"{name}: cannot read it ({exc.strerror or exc})") from None
+    if magic != SHARD_MAGIC or version != SHARD_VERSION:
+        raise ShardError(f"{name}: not a modded-nanogpt token shard (header starts {magic}, {version}; "
+                         f"expected magic {SHARD_MAGIC}, version {SHARD_VERSION})")
+    if count < 0 or HEADER_INT32 * 4 + 2 * count != size:
+        raise ShardError(f"{name}: its header says {count} tokens, but the file holds "
+                         f"{(size - HEADER_INT32 * 4) / 2:g} (a truncated or damaged shard)")
+    return count
 
 
 def read_shard(path: str, max_tokens: int | None = None):
@@ -72,24 +95,13 @@ def read_shard(path: str, max_tokens: int | None = None):
     import numpy as np
     import torch
 
-    name = display_path(path)
+    count = shard_length(path)
+    count = count if max_tokens is None else min(count, max_tokens)
     try:
-        size = os.path.getsize(path)
-        if size < HEADER_INT32 * 4:
-            raise ShardError(f"{name}: {size} bytes, shorter than a token shard's 1024-byte header")
-        header = np.fromfile(path, dtype="<i4", count=HEADER_INT32)
-        if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-            raise ShardError(f"{name}: not a modded-nanogpt token shard (header starts {int(header[0])}, "
-                             f"{int(header[1])}; expected magic {SHARD_MAGIC}, version {SHARD_VERSION})")
-        count = int(header[2])
-        if count < 0 or HEADER_INT32 * 4 + 2 * count != size:
-            raise ShardError(f"{name}: its header says {count} tokens, but the file holds "
-                             f"{(size - HEADER_INT32 * 4) / 2:g} (a truncated or damaged shard)")
-        count = count if max_tokens is None else min(count, max_tokens)
-        tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INT32 * 4, shape=(count,))
-        return torch.from_numpy(tokens.astype(np.int64))
-    except OSError as exc:
-        raise ShardError(f"{name}: cannot read it ({exc.strerror or exc})") from None
+        tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INT32 * 4, shape=(count,)) if count else []
+        return torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    except (OSError, ValueError) as exc:
+        raise ShardError(f"{display_path(path)}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
 
 
 def shard_tokens(plan: dict, vocab_size: int):
