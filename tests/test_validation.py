@@ -258,3 +258,22 @@ def test_the_pipeline_records_every_files_validation_loss_and_a_changed_setting_
     assert tree_state(str(root)) == before
     assert "Nothing to be done" in snakemake(str(root), str(out), "-n", config={
         "validation": validation, "check": "{length: 128}"}).stdout
+
+    # A replaced shard (new held-out tokens, same size) is evaluated again, nothing converted.
+    loss = float(rows["eng_spa_owt_run_2/best_state_800.pt"]["val_loss"])
+    write_shard(data / "eng_spa_val_000001.bin", held_out_tokens(900, seed=5))
+    proc = snakemake(str(root), str(out), config={"validation": validation, "check": "{length: 128}"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert job_counts(proc.stdout + proc.stderr).get("convert") == 2
+    assert {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in converted} == converted
+    rows = {r["relative_path"]: r for r in read_report(str(out / "report.csv"))}
+    assert float(rows["eng_spa_owt_run_2/best_state_800.pt"]["val_loss"]) != loss
+
+    # Validation off: no job for any file, and no loss left in the report.
+    proc = snakemake(str(root), str(out), config={"check": "{length: 128}"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert "convert_batch" not in counts and "convert" not in counts, counts
+    rows = read_report(str(out / "report.csv"))
+    assert all(r["val_loss"] == "" for r in rows) and {r["status"] for r in rows} == {"converted", "not_needed"}
+    assert tree_state(str(root)) == before

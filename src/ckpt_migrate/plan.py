@@ -143,8 +143,9 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
         if status == "to_convert" or evaluation is not None:
             # A file keeps its batch while it and its validation are unchanged and its record is
             # there; one whose record was deleted (to retry it) or never written gets a new batch.
-            if (unchanged and entry.get("batch") and entry.get("validation") == evaluation
-                    and os.path.exists(layout.check(key))):
+            # Validation turned off needs no job: the report leaves out a loss that is not current.
+            same_validation = entry.get("validation") == evaluation or evaluation is None
+            if unchanged and entry.get("batch") and same_validation and os.path.exists(layout.check(key)):
                 new_index[key]["batch"] = entry["batch"]
             else:
                 unbatched.append(key)

@@ -16,7 +16,7 @@ from .detect import ManifestRecord
 from .isolate import display_path
 from .metrics import CHECK_FIELDS, VALIDATION_FIELDS
 from .layout import OutputLayout, lang_and_run
-from .plan import read_plan
+from .plan import read_plan, read_validations
 from .records import mtime_ns, read_index, seconds_of_iso, read_yaml
 from .identity import file_identity, iso_utc
 from .slurm import unfinished_conversion_reason
@@ -48,9 +48,10 @@ def check_gate(report_path: str, flag_path: str, allow_check_failures: bool) -> 
     atomic_write_text(flag_path, f"{len(failed)} failed, allowed={allow_check_failures}\n")
 
 
-def report_row(manifest: ManifestRecord, check: dict | None) -> dict:
+def report_row(manifest: ManifestRecord, check: dict | None, validation: dict | None = None) -> dict:
     """One report row from a manifest and, for a file the plan gave a job (a small file's
-    conversion, a medium file's evaluation), its check record."""
+    conversion, a medium file's evaluation), its check record; the record's validation loss only
+    when it was computed on ``validation``, the plan's for this file now (None: validation off)."""
     rel = manifest.get("relative_path", "")
     lang, run = lang_and_run(rel)
     row = {key: manifest.get(key, "") for key in REPORT_COLUMNS}
@@ -70,7 +71,8 @@ def report_row(manifest: ManifestRecord, check: dict | None) -> dict:
             if status == "converted":
                 row["converted_path"] = check.get("converted_path", "")
                 row["converted_sha256"] = check.get("sha256", "")
-    if check is not None and status in ("converted", "not_needed"):
+    if check is not None and status in ("converted", "not_needed") and validation is not None \
+            and check.get("validation") == validation:
         row.update({key: check.get(key, "") for key in VALIDATION_FIELDS})
         if check.get("val_error"):
             row["reason"] = "; ".join(filter(None, (row["reason"], f"no validation loss: {check['val_error']}")))
@@ -91,16 +93,17 @@ def write_report(layout: OutputLayout) -> list[dict]:
     index = index.get("rows", {}) if index.get("version") == version else {}
     new_index: dict[str, dict] = {}
     rows = []
+    validations = read_validations(layout.plan)
     for key, status, batch in read_plan(layout.plan):
         manifest_path, check_path = layout.manifest(key), layout.check(key)
-        stamp = [file_identity(manifest_path), file_identity(check_path) if batch else None]
+        stamp = [file_identity(manifest_path), file_identity(check_path) if batch else None, validations.get(key)]
         entry = index.get(key)
         if entry is not None and entry.get("stamp") == stamp and stamp[0] is not None:
             row = entry["row"]
         else:
             manifest = read_yaml(manifest_path)
             check = read_yaml(check_path) if stamp[1] is not None else None
-            row = report_row(manifest, check)
+            row = report_row(manifest, check, validations.get(key))
         new_index[key] = {"stamp": stamp, "row": row}
         rows.append(row)
     rows.sort(key=lambda r: r["relative_path"])
@@ -139,6 +142,7 @@ def report_after_failure(layout: OutputLayout, relative_paths: dict[str, str]) -
     A file whose detection or conversion did not finish is ``failed``, with what is known of
     why (the SLURM job's state, the log to read); the next run redoes only those."""
     rows, inputs = [], [layout.plan]
+    validations = read_validations(layout.plan) if os.path.exists(layout.plan) else {}
     for key, rel in sorted(relative_paths.items(), key=lambda kv: kv[1]):
         manifest_path, check_path = layout.manifest(key), layout.check(key)
         inputs += [manifest_path, check_path, layout.staged(key)]
@@ -154,7 +158,7 @@ def report_after_failure(layout: OutputLayout, relative_paths: dict[str, str]) -
             newest = max((p for p in (check_path, staged) if os.path.exists(p)), key=mtime_ns, default=None)
             check = read_yaml(newest) if newest else {
                 "status": "failed", "reason": unfinished_conversion_reason(layout, key)}
-        rows.append(report_row(manifest, check))
+        rows.append(report_row(manifest, check, validations.get(key)))
     _write_rows(rows, layout.report)
     # Dated just before its oldest input, so that Snakemake sees it as out of date and the
     # next run writes the complete report (a current date would make it look finished).
