@@ -182,6 +182,50 @@ def test_doctor_names_each_pairs_shard_and_what_is_wrong_with_it(tmp_path):
     assert validation_findings({**config, "validation": {"data": None}}) == []
 
 
+def test_a_failing_validation_leaves_the_conversion_standing(tmp_path, monkeypatch):
+    """Out of memory on the held-out tokens (here: any error in the loss) is the record's
+    val_error; the conversion, its check and its published file stand."""
+    from ckpt_migrate import validation
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 40.00 GiB")
+
+    monkeypatch.setattr(validation, "validation_loss", out_of_memory)
+    src = checkpoint(tmp_path, "small")
+    write_shard(tmp_path / "eng_spa.bin", held_out_tokens(600))
+    plan = validation_plan({"data": str(tmp_path / "{lang}.bin"), "tokens": 500, "sequence_length": 128}, "eng_spa")
+    result = convert_file(src, str(tmp_path / "out.pt"), SETTINGS, validation=plan)
+    assert result["status"] == "converted" and os.path.isfile(tmp_path / "out.pt") and result["check_passed"]
+    assert result["val_loss"] is None and result["val_error"].startswith("RuntimeError: CUDA out of memory")
+
+
+def test_a_medium_file_killed_while_evaluated_goes_last_and_twice_is_given_up(tmp_path):
+    """An evaluation killed from outside is counted like a conversion: it goes after the others of
+    its batch, and once killed twice its record names why instead of killing the batch again."""
+    import yaml
+
+    from ckpt_migrate.pipeline import OutputLayout, checkpoint_sources, detect_and_plan, read_batches, run_batch
+
+    root, layout = tmp_path / "tree", OutputLayout(str(tmp_path / "out"))
+    medium, small = checkpoint(root, "medium", seed=1), checkpoint(root, "small", seed=2)
+    write_shard(tmp_path / "eng_spa.bin", held_out_tokens(300))
+    sources = checkpoint_sources(str(root), "*_owt_run_*/best_state_*.pt")
+    detect_and_plan(sources, {k: os.path.relpath(p, root) for k, p in sources.items()}, layout,
+                    validation={"data": str(tmp_path / "{lang}.bin"), "tokens": 200, "sequence_length": 64})
+    (batch,) = read_batches(layout.plan)
+    key = "eng_spa_owt_run_1/best_state_800"
+    os.makedirs(os.path.dirname(layout.attempt(key)), exist_ok=True)
+    with open(layout.attempt(key), "w") as f:
+        yaml.safe_dump({"host": "node7", "pid": 1, "attempts": 2, "log": layout.staged_log(key)}, f)
+    summary = run_batch(layout, batch, {"length": 64, "device": "cpu"}, {}, str(tmp_path / "summary.yaml"))
+    assert [f["key"] for f in summary["files"]] == ["eng_spa_owt_run_2/best_state_800", key]
+    record = yaml.safe_load(open(layout.staged(key)))
+    assert record["status"] == "evaluated" and record["val_loss"] is None
+    assert record["val_error"].startswith("killed 2 times while being evaluated") and "on node7" in record["val_error"]
+    assert yaml.safe_load(open(layout.staged("eng_spa_owt_run_2/best_state_800")))["val_loss"] > 0
+    assert os.path.exists(medium) and os.path.exists(small)
+
+
 def test_check_cli_reports_validation_loss(tmp_path):
     src = checkpoint(tmp_path, "small")
     shard = write_shard(tmp_path / "val.bin", held_out_tokens(600))
@@ -193,6 +237,14 @@ def test_check_cli_reports_validation_loss(tmp_path):
     bad = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ckpt-migrate"), "check", src, "--val-data",
                           str(tmp_path / "missing.bin")], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [f"error: {tmp_path}/missing.bin: no such token shard"]
+    for argv, message in (([str(tmp_path)], "not a regular file, so not a token shard"),
+                          ([shard, "--val-tokens", "0"], "must be positive")):
+        bad = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ckpt-migrate"), "check", src,
+                              "--val-data", *argv], capture_output=True, text=True)
+        assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and message in bad.stderr, bad.stderr
+    alone = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ckpt-migrate"), "check", src,
+                            "--val-tokens", "5"], capture_output=True, text=True)
+    assert alone.returncode == 1 and alone.stderr.strip() == "error: --val-tokens and --val-sequence-length need --val-data FILE"
 
 
 @pytest.mark.e2e
@@ -277,3 +329,17 @@ def test_the_pipeline_records_every_files_validation_loss_and_a_changed_setting_
     rows = read_report(str(out / "report.csv"))
     assert all(r["val_loss"] == "" for r in rows) and {r["status"] for r in rows} == {"converted", "not_needed"}
     assert tree_state(str(root)) == before
+
+    # Back on, with a new small file whose weights hold a NaN: the run fails at its gate, and the
+    # report written after the failure still holds every file's loss, whole numbers as written.
+    sd = synthetic.small_state_dict("v2", vocab=VOCAB, seed=4)
+    sd["blocks.2.mlp.c_fc.weight"][0, 0] = float("nan")
+    synthetic.save(synthetic.upstream_checkpoint(sd, "small", step=800, eot_token=EOT),
+                   str(root / "eng_spa_owt_run_4" / "best_state_800.pt"))
+    proc = snakemake(str(root), str(out), config={"validation": validation, "check": "{length: 128}"})
+    assert proc.returncode != 0 and "1 checkpoint(s) failed" in proc.stdout + proc.stderr
+    rows = {r["relative_path"]: r for r in read_report(str(out / "report.csv"))}
+    assert rows["eng_spa_owt_run_4/best_state_800.pt"]["status"] == "failed"
+    assert {rows[f"eng_spa_owt_run_{i}/best_state_800.pt"]["val_tokens"] for i in (1, 2)} == {"500"}
+    assert float(rows["eng_spa_owt_run_2/best_state_800.pt"]["val_loss"]) > 0
+    assert ",500.0," not in (out / "report.csv").read_text()

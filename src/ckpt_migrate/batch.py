@@ -32,12 +32,9 @@ def run_conversion(src: str, manifest_path: str, converted_path: str, check_path
     from outside (SLURM's memory or time limit, scancel) can still be named in the report. The
     record says which file (size, mtime), converter, check settings and overrides it is for, so
     that a later run can tell whether it still stands (:func:`standing_conversion`)."""
-    import time
-
     # Recorded before torch is even imported: a job killed for memory may not get further.
     if attempt_path:
-        write_yaml(attempt_path, {**job_environment(), "pid": os.getpid(), "started": time.time(),
-                                  "log": log_path or "", "attempts": attempts})
+        write_yaml(attempt_path, attempt_record(log_path, attempts))
     from .check import CheckSettings
     from .fingerprint import converter_fingerprint
     from .one_file import convert_file
@@ -70,6 +67,14 @@ def run_conversion(src: str, manifest_path: str, converted_path: str, check_path
     write_yaml(check_path, result)
     log.info("%s: %s %s", display_path(src), result["status"], result.get("reason", ""))
     return result
+
+
+def attempt_record(log_path: str | None, attempts: int) -> dict:
+    """What an attempt record holds: where and when a file's work started, and how many times in a row."""
+    import time
+
+    return {**job_environment(), "pid": os.getpid(), "started": time.time(), "log": log_path or "",
+            "attempts": attempts}
 
 
 def standing_conversion(record_path: str, src: str, converted_path: str, check_settings: dict[str, Any],
@@ -141,8 +146,16 @@ def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any
                                         layout.attempt(key), overrides, layout.staged_log(key), kills[key] + 1,
                                         validation)
             else:  # only the validation loss: of a standing conversion's file, or of a medium file as it is
-                record = _evaluated(standing, manifest, src, converted if to_convert else src, validation,
-                                    check_settings)
+                if kills[key] < MAX_KILLED_ATTEMPTS:
+                    write_yaml(layout.attempt(key), attempt_record(layout.staged_log(key), kills[key] + 1))
+                    record = _evaluated(standing, manifest, src, converted if to_convert else src, validation,
+                                        check_settings)
+                else:
+                    reason = unfinished_conversion_reason(layout, key, "evaluation")
+                    record = _evaluated(standing, manifest, src, "", None, check_settings)
+                    record.update(validation=validation, val_error=one_line(
+                        f"killed {kills[key]} times while being evaluated, not tried again (last: {reason}); "
+                        f"to retry, delete its check record and rerun with --forcerun plan", 300))
                 write_yaml(staged, record)
         finally:
             logging.getLogger().removeHandler(handler)
@@ -169,7 +182,7 @@ def _standing_evaluation(record_path: str, src: str) -> dict | None:
     return record if stands else None
 
 
-VALIDATION_KEYS = ("validation", "val_loss", "val_tokens", "val_seconds", "val_data", "val_error")
+VALIDATION_KEYS = ("validation", "val_loss", "val_tokens", "val_seconds", "val_data", "val_error", "val_note")
 
 
 def _evaluated(standing: dict | None, manifest: dict, src: str, model_path: str, validation: dict | None,

@@ -20,6 +20,8 @@ from .detect import FORMAT_LABELS
 from .isolate import DEFAULT_MEMORY_MB, DEFAULT_SECONDS, detect_isolated
 from .metrics import CHECK_FIELDS, VALIDATION_FIELDS
 
+VAL_TOKENS, VAL_SEQUENCE_LENGTH = 1 << 20, 2048  # the config's defaults (workflow/schemas/config.schema.yaml)
+
 SHOWN_FIELDS = ("variant", "reason", "num_layers", "num_heads", "head_dim", "model_dim", "mlp_dim",
                 "vocab_size", "padded_vocab", "layers_without_attention", "num_value_embeds", "params",
                 "weight_bytes", "size_bytes", "step", "has_optimizer_state", "long_window_blocks",
@@ -99,7 +101,12 @@ def cmd_check(args) -> int:
     from .validation import held_out_file
 
     try:
-        validation = held_out_file(args.val_data, args.val_tokens, args.val_sequence_length) if args.val_data else None
+        given = {"tokens": args.val_tokens, "sequence_length": args.val_sequence_length}
+        if not args.val_data and any(v is not None for v in given.values()):
+            raise ValueError("--val-tokens and --val-sequence-length need --val-data FILE")
+        defaults = {"tokens": VAL_TOKENS, "sequence_length": VAL_SEQUENCE_LENGTH}
+        given = {k: defaults[k] if v is None else v for k, v in given.items()}
+        validation = held_out_file(args.val_data, **given) if args.val_data else None
         result = check_file(args.path, _settings(args), source=args.source, validation=validation)
     except (CheckpointError, ConversionError, CheckDeviceError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -207,10 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="for a converted file: the small checkpoint it was converted from")
     p.add_argument("--val-data", metavar="FILE", help="a modded-nanogpt .bin token shard: the check also runs on "
                    "its tokens, then the validation loss is computed")
-    p.add_argument("--val-tokens", type=int, default=1048576, metavar="N",
-                   help="predictions the validation loss is the mean over (default: 1048576)")
-    p.add_argument("--val-sequence-length", type=int, default=2048, metavar="T",
-                   help="input tokens per validation sequence (default: 2048)")
+    p.add_argument("--val-tokens", type=int, metavar="N",
+                   help=f"predictions the validation loss is the mean over (default: {VAL_TOKENS})")
+    p.add_argument("--val-sequence-length", type=int, metavar="T",
+                   help=f"input tokens per validation sequence (default: {VAL_SEQUENCE_LENGTH})")
     _add_check_options(p)
     p.set_defaults(func=cmd_check)
 

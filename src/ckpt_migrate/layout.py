@@ -196,6 +196,8 @@ def glob_problem(pattern: str) -> str:
         return f"glob {pattern!r} must be relative to input_root (set input_root to the folder it starts from)"
     if ".." in pattern.replace(os.sep, "/").split("/"):
         return f"glob {pattern!r} climbs out of input_root with '..' (set input_root higher instead)"
+    if pattern.endswith("/"):
+        return f"glob {pattern!r} ends with '/': it would match folders, not checkpoint files (drop the '/')"
     return ""
 
 

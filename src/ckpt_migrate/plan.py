@@ -160,6 +160,10 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
              for key in members]).encode()).hexdigest()[:12]
         for key in members:
             new_index[key]["batch"] = batch_id
+    missing = sorted(lang or "(no language pair)" for lang, found in validations.items() if found is None)
+    if (validation or {}).get("data") and missing:
+        log.warning("validation: no shard matches %r for %s: their files get no val_loss", validation["data"],
+                    ", ".join(missing))
     atomic_write_text(layout.manifest_index, json.dumps(new_index))
     log.info("detected %d file(s), reused %d manifest(s) in %.1f s; %d new or changed file(s) to convert",
              detected, len(rows) - detected, time.perf_counter() - t0, len(unbatched))

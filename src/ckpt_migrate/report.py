@@ -76,6 +76,8 @@ def report_row(manifest: ManifestRecord, check: dict | None, validation: dict | 
         row.update({key: check.get(key, "") for key in VALIDATION_FIELDS})
         if check.get("val_error"):
             row["reason"] = "; ".join(filter(None, (row["reason"], f"no validation loss: {check['val_error']}")))
+        elif check.get("val_note"):
+            row["reason"] = "; ".join(filter(None, (row["reason"], f"validation loss over {check['val_note']}")))
     row["status"] = status
     return row
 
@@ -116,7 +118,8 @@ def _write_rows(rows: list[dict], report_path: str) -> None:
     import pandas as pd
 
     # dtype=object: each cell as its row has it (an int stays 768, a missing value is empty).
-    table = pd.DataFrame(rows, columns=list(REPORT_COLUMNS), dtype=object).map(spreadsheet_safe)
+    safe = [{key: spreadsheet_safe(row.get(key)) for key in REPORT_COLUMNS} for row in rows]
+    table = pd.DataFrame(safe, columns=list(REPORT_COLUMNS), dtype=object)
     atomic_write_text(report_path, table.to_csv(index=False, lineterminator="\n"))
 
 
@@ -152,12 +155,17 @@ def report_after_failure(layout: OutputLayout, relative_paths: dict[str, str]) -
             manifest = {"relative_path": display_path(rel), "status": "failed", "format": "",
                         "reason": f"detection did not finish (log: {layout.plan_log})"}
         check = None
-        if manifest.get("status") == "to_convert":
-            # A file its conversion job finished before the failure has its record in staged/.
+        if manifest.get("status") == "to_convert" or validations.get(key):
+            # A file its job finished before the failure has its record in staged/.
             staged = layout.staged(key)
             newest = max((p for p in (check_path, staged) if os.path.exists(p)), key=mtime_ns, default=None)
-            check = read_yaml(newest) if newest else {
-                "status": "failed", "reason": unfinished_conversion_reason(layout, key)}
+            if newest:
+                check = read_yaml(newest)
+            elif manifest.get("status") == "to_convert":
+                check = {"status": "failed", "reason": unfinished_conversion_reason(layout, key)}
+            else:  # a medium file whose evaluation did not finish: the loss is missing, the file is fine
+                check = {"validation": validations[key],
+                         "val_error": unfinished_conversion_reason(layout, key, "evaluation")}
         rows.append(report_row(manifest, check, validations.get(key)))
     _write_rows(rows, layout.report)
     # Dated just before its oldest input, so that Snakemake sees it as out of date and the

@@ -16,11 +16,12 @@ from .records import read_yaml
 log = logging.getLogger(__name__)
 
 
-def unfinished_conversion_reason(layout: OutputLayout, key: str) -> str:
-    """Why a planned conversion has no check record: its job was killed (and how), or never ran."""
+def unfinished_conversion_reason(layout: OutputLayout, key: str, work: str = "conversion") -> str:
+    """Why a planned conversion (or ``work``: an evaluation) has no record: its job was killed (and
+    how), or never ran."""
     attempt_path = layout.attempt(key)
     if not os.path.exists(attempt_path):
-        return "conversion did not run (the run stopped before it; the next run does it)"
+        return f"{work} did not run (the run stopped before it; the next run does it)"
     attempt = read_yaml(attempt_path)
     where = f"on {attempt.get('host', '?')}"
     job_id = str(attempt.get("slurm_job_id") or "")
@@ -28,7 +29,7 @@ def unfinished_conversion_reason(layout: OutputLayout, key: str) -> str:
     if job_id:
         where += f" in SLURM job {job_id}" + (f" ({state})" if state else "")
     log_path = attempt.get("log") or layout.staged_log(key)
-    return one_line(f"conversion started {where} but did not finish; log: {log_path}", 300)
+    return one_line(f"{work} started {where} but did not finish; log: {log_path}", 300)
 
 
 # What a SLURM job's own log says when SLURM or the kernel stopped it.

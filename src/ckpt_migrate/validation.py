@@ -38,7 +38,8 @@ def shard_for(data_glob: str, lang_pair: str) -> str | None:
     if "{lang}" in data_glob and not lang_pair:
         return None  # a file outside a <lang>_owt_run_<n> folder has no language pair to look up
     matches = sorted(glob.glob(os.path.expanduser(data_glob.replace("{lang}", glob.escape(lang_pair)))))
-    return matches[0] if matches else None
+    files = [path for path in matches if os.path.isfile(path)]  # a folder or FIFO that matches is not a shard
+    return files[0] if files else None
 
 
 def validation_plan(settings: dict | None, lang_pair: str) -> dict | None:
@@ -59,8 +60,10 @@ def held_out_file(path: str, tokens: int, sequence_length: int) -> dict:
     what is wrong with the numbers or the file)."""
     if tokens < 1 or sequence_length < 1:
         raise ValueError(f"--val-tokens and --val-sequence-length must be positive, not {tokens}, {sequence_length}")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ShardError(f"{display_path(path)}: no such token shard")
+    if not os.path.isfile(path):
+        raise ShardError(f"{display_path(path)}: not a regular file, so not a token shard")
     shard_length(path)  # its header, before any model is built
     return {"data": path, "tokens": tokens, "sequence_length": sequence_length, "shard": os.path.abspath(path),
             "shard_identity": file_identity(path, with_content=True)}
@@ -162,12 +165,20 @@ def validation_loss(model, tokens, sequence_length: int, device: str, sequences_
 
 def evaluate(model, plan: dict | None, device: str) -> dict:
     """The validation fields of a check record: the loss per :func:`validation_loss`, or empty
-    values with the reason when there is no shard or it cannot be used."""
+    values with the reason when there is no shard, it cannot be used, or the evaluation fails (out
+    of memory, say): a conversion stands whatever its validation does."""
     if plan is None:
         return {"val_loss": None, "val_tokens": None, "validation": None}
-    fields = {"validation": plan, "val_data": display_path(plan["shard"])}
+    fields = {"validation": plan, "val_data": display_path(plan["shard"]), "val_loss": None, "val_tokens": None}
     try:
         tokens = shard_tokens(plan, model.cfg.vocab_size)
+        result = validation_loss(model, tokens, plan["sequence_length"], device)
     except ShardError as exc:
-        return {**fields, "val_loss": None, "val_tokens": None, "val_error": str(exc)}
-    return {**fields, **validation_loss(model, tokens, plan["sequence_length"], device)}
+        return {**fields, "val_error": str(exc)}
+    except Exception as exc:  # the model on these tokens, not the file: a field of the record
+        log.exception("validation on %s failed", display_path(plan["shard"]))
+        return {**fields, "val_error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+    if result["val_tokens"] < plan["tokens"]:
+        result["val_note"] = (f"{result['val_tokens']:,} predictions: the shard holds fewer than the "
+                              f"{plan['tokens']:,} asked")
+    return {**fields, **result}

@@ -45,13 +45,18 @@ def _check_section(config):
         section = config.get(name)
         if isinstance(section, dict):
             config[name] = {
-                key: (
-                    _scalar(value)
-                    if isinstance(value, str) and key != "data"
-                    else value
-                )
-                for key, value in section.items()
+                key: _command_line_value(key, value) for key, value in section.items()
             }
+
+
+def _command_line_value(key, value):
+    """A section's value as typed: numbers read as YAML; a path (validation: data) kept as
+    written, but for the words that mean "none" (null, ~), which turn validation off."""
+    if not isinstance(value, str):
+        return value
+    if key == "data":
+        return None if value.strip() in ("", "null", "Null", "NULL", "~") else value
+    return _scalar(value)
 
 
 def _scalar(text):
@@ -220,3 +225,13 @@ def print_summary():
     if os.path.exists(report_csv):
         print(f"\nckpt-migrate report: {os.path.abspath(report_csv)}")
         print(summarize(read_report(report_csv)))
+    missing = [
+        lang or "(no language pair)"
+        for lang, found in VALIDATION_SHARDS.items()
+        if found is None
+    ]
+    if config["validation"]["data"] and missing:
+        print(
+            f"validation: no shard matches {config['validation']['data']!r} for "
+            f"{', '.join(missing)}: their files get no val_loss"
+        )
