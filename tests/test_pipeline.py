@@ -296,6 +296,8 @@ def test_doctor_fails_the_same_placements_and_never_runs_a_glob_that_climbs_out(
     climbing = findings("../clean_bbpe_50k/*/best_state_*.pt")
     assert [level for level, what in climbing if "climbs out of input_root" in what] == ["FAIL"]
     assert not any("file(s) match" in what for _, what in climbing)
+    folders = findings("*_owt_run_*/")  # it would match folders, never a checkpoint file
+    assert [level for level, what in folders if "ends with '/'" in what] == ["FAIL"]
     (out / "converted" / "odd\nname").mkdir(parents=True)  # a name with a newline: still one line
     (out / "converted" / "odd\nname" / "run").symlink_to(root / "eng_spa_owt_run_1", target_is_directory=True)
     planted = [what for level, what in findings("*/best_state_*.pt") if level == "FAIL" and "input_root" in what]
