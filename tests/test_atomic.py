@@ -69,11 +69,15 @@ def test_a_device_or_fifo_is_never_replaced(tmp_path):
 
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    for path in ("/dev/null", str(fifo)):
+    # Links to a device or a FIFO (what /dev/stdout is on a terminal or a pipe) are not replaced either.
+    (tmp_path / "to_pipe").symlink_to(fifo)
+    (tmp_path / "to_null").symlink_to("/dev/null")
+    for path in ("/dev/null", str(fifo), str(tmp_path / "to_pipe"), str(tmp_path / "to_null")):
         with pytest.raises(DestinationError, match="not a regular file"):
             atomic_write_bytes(path, b"x")
+    assert os.path.islink(tmp_path / "to_pipe") and os.path.islink(tmp_path / "to_null")
     assert stat_module.S_ISCHR(os.stat("/dev/null").st_mode) and stat_module.S_ISFIFO(os.stat(fifo).st_mode)
-    assert [p.name for p in tmp_path.iterdir()] == ["pipe"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "to_null", "to_pipe"]  # no temporary left
 
 
 def test_open_log_never_writes_through_a_link(tmp_path):

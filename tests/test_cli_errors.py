@@ -20,6 +20,8 @@ def damaged(tmp_path):
     (out / "plan.tsv").write_text("key\tstatus\n")
     (out / "checks/run_1/best_state_100.yaml").write_text("just text, no record")
     (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "empty_out").mkdir()
+    (tmp_path / "empty_out" / "report.csv").write_bytes(b"")
     (tmp_path / "config.yaml").write_bytes(b"input_root: [\xff")
     return tmp_path
 
@@ -27,6 +29,7 @@ def damaged(tmp_path):
 COMMANDS = {
     "report on a non-UTF-8 report.csv": (["report", "{t}/out"], "is damaged"),
     "report on a missing folder": (["report", "{t}/missing"], "does not exist"),
+    "report on an empty report.csv": (["report", "{t}/empty_out"], "is empty"),
     "verify-outputs with a damaged check record": (["verify-outputs", "{t}/out"], "holds no record"),
     "verify-outputs on a missing folder": (["verify-outputs", "{t}/missing"], "not the output_root"),
     "inspect an empty file": (["inspect", "{t}/empty.pt"], "empty file"),

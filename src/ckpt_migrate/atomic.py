@@ -82,7 +82,17 @@ def refuse_special_destination(path: str) -> None:
         st = os.lstat(path)
     except FileNotFoundError:
         return
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.stat(path)
+        except OSError:
+            return  # a broken link: replaced
+        if not (stat.S_ISREG(target.st_mode) or stat.S_ISDIR(target.st_mode)):
+            # /dev/stdout, a link to a device or a FIFO: replacing the link would break the system
+            raise DestinationError(f"{path} is a link to something that is not a regular file: refusing to "
+                                   f"replace it (name a new file to write)")
+        return
+    if not stat.S_ISREG(st.st_mode):
         kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
         raise DestinationError(f"{path} is {kind}: refusing to replace it (name a new file to write)")
 

@@ -225,7 +225,8 @@ def read_report(report_path: str) -> list[dict]:
         table = pd.read_csv(report_path, dtype=str, keep_default_na=False, encoding="utf-8")
         return table.to_dict("records")
     except pd.errors.EmptyDataError:
-        return []
+        raise ValueError(f"{display_path(report_path)} is empty (not even a header); rerun the pipeline to write "
+                         f"it again") from None
     except (UnicodeDecodeError, pd.errors.ParserError) as exc:
         raise ValueError(f"{display_path(report_path)} is damaged ({exc}); rerun the pipeline to write it "
                          f"again") from None
