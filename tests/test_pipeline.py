@@ -254,6 +254,7 @@ def test_output_inside_the_input_tree_is_refused(tmp_path):
     ("converted/ a link into the tree", "converted is a link into input_root"),
     # Planted deeper, after a first run made the folders: converted/<run> leading to the run itself.
     ("converted/<run> a link into the tree", "converted/eng_spa_owt_run_1 is a link into input_root"),
+    ("checks/<run> a link to a folder elsewhere", "checks/eng_spa_owt_run_1 is a link to the folder"),
     ("absolute glob", "must be relative to input_root"),
     ("glob with ..", "climbs out of input_root"),
 ])
@@ -271,6 +272,10 @@ def test_placements_that_could_write_into_the_tree_are_refused(tmp_path, case, w
     if case == "converted/ a link into the tree":  # e.g. made to put converted files on a bigger disk
         out.mkdir()
         (out / "converted").symlink_to(root / "eng_spa_owt_run_1", target_is_directory=True)
+    if case == "checks/<run> a link to a folder elsewhere":  # its files would be replaced by the run's records
+        (out / "checks").mkdir(parents=True)
+        (tmp_path / "elsewhere").mkdir()
+        (out / "checks" / "eng_spa_owt_run_1").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     if case == "converted/<run> a link into the tree":
         (out / "converted").mkdir(parents=True)
         (out / "converted" / "eng_spa_owt_run_1").symlink_to(root / "eng_spa_owt_run_1", target_is_directory=True)

@@ -144,11 +144,22 @@ def _link_into_tree(tree: str, out: str, tree_files: dict[tuple[int, int], str])
             if entry.is_dir(follow_symlinks=False):
                 pending.append(entry.path)
                 continue
-            problem = _entry_problem(entry, tree, tree_files, into_tree)
+            problem = _entry_problem(entry, tree, tree_files, into_tree) or _folder_link_problem(entry)
             if not problem and os.path.commonpath([benchmarks, folder]) == benchmarks:
                 problem = _benchmark_link_problem(entry)
             if problem:
                 return problem
+    return ""
+
+
+def _folder_link_problem(entry: os.DirEntry) -> str:
+    """A link to a folder below a written folder (``converted/<run>`` -> a folder elsewhere): what
+    the pipeline writes below it would replace the files there. (A written folder itself may be a
+    link, to put the outputs on a bigger disk.)"""
+    with contextlib.suppress(OSError):
+        if entry.is_symlink() and entry.is_dir(follow_symlinks=True):
+            return (f"{display_path(entry.path)} is a link to the folder {display_path(os.path.realpath(entry.path))}: "
+                    f"the pipeline would write into it (remove the link)")
     return ""
 
 
