@@ -51,7 +51,7 @@ def document_tokens(vocab_size: int, batch: int, length: int, seed: int, eot_tok
     ``longest_window`` tokens, where the sequence has room for one). Plain random tokens when the
     separator is unknown (None) or outside the vocabulary."""
     tokens = random_tokens(vocab_size, batch, length, seed)
-    if eot_token is None or not 0 <= eot_token < vocab_size or vocab_size < 2:
+    if known_separator(eot_token, vocab_size) is None or vocab_size < 2:
         return tokens
     tokens[tokens == eot_token] = (eot_token + 1) % vocab_size  # separators only where placed
     gen = torch.Generator().manual_seed(seed + 1)
@@ -76,6 +76,12 @@ def document_tokens(vocab_size: int, batch: int, length: int, seed: int, eot_tok
                 break
             tokens[row, start] = eot_token
     return tokens
+
+
+def known_separator(eot_token: int | None, vocab_size: int) -> int | None:
+    """The document separator the check places and counts: ``eot_token`` where it is a token of
+    the vocabulary, else None (no documents)."""
+    return eot_token if eot_token is not None and 0 <= eot_token < vocab_size else None
 
 
 def document_counts(inputs: list[torch.Tensor], eot_token: int | None) -> dict:
@@ -189,7 +195,7 @@ def logit_check(reference: torch.nn.Module, candidate: torch.nn.Module, vocab_si
                   check_dtype=settings.dtype, check_batch=settings.batch,
                   check_length=settings.length, check_seed=settings.seed,
                   check_real_tokens=sum(len(seq) - 1 for seq in real),
-                  **document_counts(inputs, cfg.eot_token if 0 <= (cfg.eot_token or 0) < vocab_size else None))
+                  **document_counts(inputs, known_separator(cfg.eot_token, vocab_size)))
     log.info("logit check: max %.3g mean %.3g top1 %.4f kl %.3g -> %s", result["max_abs_logit_diff"],
              result["mean_abs_logit_diff"], result["top1_agreement"], result["kl"],
              "passed" if result["check_passed"] else "FAILED")

@@ -150,7 +150,8 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
     try:
         reference = reference_model(record, small, cfg)
         candidate = build_model(GPTBatched, cfg, converted)
-        check = logit_check(reference, candidate, cfg.vocab_size, settings, _held_out(validation, cfg))
+        held_out = _held_out(validation, cfg)
+        check = logit_check(reference, candidate, cfg.vocab_size, settings, held_out)
     except BaseException:
         if pending:
             pending.finish()
@@ -179,7 +180,7 @@ def convert_file(src: str, dst: str | None, settings: CheckSettings | None = Non
     if validation is not None:
         _progress("validate", t0)
         del reference
-        result.update(evaluate(candidate, validation, settings.resolved_device()))
+        result.update(evaluate(candidate, validation, settings.resolved_device(), held_out))
     timings["total_s"] = time.perf_counter() - t0
     _progress("done", t0)
     result.update(status="converted", reason="", timings=timings)
@@ -286,10 +287,11 @@ def check_file(path: str, settings: CheckSettings | None = None, source: str | N
         reference = reference_model(record, state_dict)
         weights = convert_state_dict(state_dict, cfg) if record["format"] == "small" else state_dict
         candidate = build_model(GPTBatched, cfg, weights)
-    result = logit_check(reference, candidate, cfg.vocab_size, settings, _held_out(validation, cfg))
+    held_out = _held_out(validation, cfg)
+    result = logit_check(reference, candidate, cfg.vocab_size, settings, held_out)
     if validation is not None:
         del reference
-        result.update(evaluate(candidate, validation, settings.resolved_device()))
+        result.update(evaluate(candidate, validation, settings.resolved_device(), held_out))
     return result
 
 

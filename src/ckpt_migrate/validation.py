@@ -50,8 +50,11 @@ def validation_plan(settings: dict | None, lang_pair: str) -> dict | None:
     shard = shard_for(settings.get("data") or "", lang_pair)
     if shard is None:
         return None
-    return {"data": settings["data"], "tokens": int(settings["tokens"]),
-            "sequence_length": int(settings["sequence_length"]), "shard": os.path.abspath(shard),
+    return _plan(settings["data"], int(settings["tokens"]), int(settings["sequence_length"]), shard)
+
+
+def _plan(data: str, tokens: int, sequence_length: int, shard: str) -> dict:
+    return {"data": data, "tokens": tokens, "sequence_length": sequence_length, "shard": os.path.abspath(shard),
             "shard_identity": file_identity(shard, with_content=True)}
 
 
@@ -65,8 +68,7 @@ def held_out_file(path: str, tokens: int, sequence_length: int) -> dict:
     if not os.path.isfile(path):
         raise ShardError(f"{display_path(path)}: not a regular file, so not a token shard")
     shard_length(path)  # its header, before any model is built
-    return {"data": path, "tokens": tokens, "sequence_length": sequence_length, "shard": os.path.abspath(path),
-            "shard_identity": file_identity(path, with_content=True)}
+    return _plan(path, tokens, sequence_length, path)
 
 
 def shard_length(path: str) -> int:
@@ -163,15 +165,16 @@ def validation_loss(model, tokens, sequence_length: int, device: str, sequences_
     return result
 
 
-def evaluate(model, plan: dict | None, device: str) -> dict:
+def evaluate(model, plan: dict | None, device: str, tokens=None) -> dict:
     """The validation fields of a check record: the loss per :func:`validation_loss`, or empty
     values with the reason when there is no shard, it cannot be used, or the evaluation fails (out
-    of memory, say): a conversion stands whatever its validation does."""
+    of memory, say): a conversion stands whatever its validation does. ``tokens``: the shard's,
+    where the caller has read them already (:func:`shard_tokens`)."""
     if plan is None:
         return {"val_loss": None, "val_tokens": None, "validation": None}
     fields = {"validation": plan, "val_data": display_path(plan["shard"]), "val_loss": None, "val_tokens": None}
     try:
-        tokens = shard_tokens(plan, model.cfg.vocab_size)
+        tokens = shard_tokens(plan, model.cfg.vocab_size) if tokens is None else tokens
         result = validation_loss(model, tokens, plan["sequence_length"], device)
     except ShardError as exc:
         return {**fields, "val_error": str(exc)}
