@@ -6,8 +6,10 @@ import contextlib
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -119,7 +121,8 @@ def test_input_tree_is_untouched(first_run):
 def test_rerun_with_nothing_new_schedules_nothing(first_run):
     tree, out, _, _ = first_run
     # The tree's write bits were toggled (a chmod moves every file's ctime): the plan runs once,
-    # finds the same bytes (the tail hash) and converts nothing; then nothing is left to do.
+    # finds the same bytes (the tail hash, then every zip entry against its CRC-32) and converts
+    # nothing; then nothing is left to do.
     make_writable(str(tree))
     make_read_only(str(tree))
     proc = snakemake(str(tree), str(out))
@@ -402,11 +405,21 @@ def _replace_keeping_times(path, new, how: str) -> None:
         shutil.copy2(staged, path.parent / ".rsync.tmp")
         os.replace(path.parent / ".rsync.tmp", path)
         staged.unlink()
-    else:  # rewritten in place, then touch -r restores the times
+    elif how == "touch -r":  # rewritten in place, then touch -r restores the times
         with open(path, "r+b") as f:
             f.write(new.read_bytes())
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
         staged.unlink()
+    else:  # patched in place (a NaN fixed by hand): 4 bytes of one tensor's data, then touch -r
+        staged.unlink()
+        with zipfile.ZipFile(path) as archive:
+            entry = max(archive.infolist(), key=lambda e: e.file_size)
+        with open(path, "r+b") as f:
+            f.seek(entry.header_offset + 26)
+            name_length, extra_length = struct.unpack("<HH", f.read(4))
+            f.seek(entry.header_offset + 30 + name_length + extra_length + 64)
+            f.write(struct.pack("<f", 12.5))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
 
 
@@ -414,7 +427,7 @@ def test_files_replaced_with_their_mtime_kept_are_reconverted_and_a_future_file_
     """Issue 21: what mv, cp -p, rsync -a and touch -r keep (size, mtime) does not hide a new
     model; a file modified in the future is its own unreadable row, and the rest converts."""
     root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
-    ways = ("mv", "cp -p", "rsync -a", "touch -r")
+    ways = ("mv", "cp -p", "rsync -a", "touch -r", "patch")
     paths = [altered_small_checkpoint(root / f"eng_spa_owt_run_{i}/best_state_100.pt", seed=i, optimizers=False)
              for i in range(len(ways))]
     future = small_checkpoint(root / "hin_urd_owt_run_9/best_state_100.pt", seed=9)
@@ -426,6 +439,10 @@ def test_files_replaced_with_their_mtime_kept_are_reconverted_and_a_future_file_
     assert "modified in the future" in rows["hin_urd_owt_run_9/best_state_100.pt"]["reason"]
     assert all(rows[os.path.relpath(p, root)]["status"] == "converted" for p in paths)
 
+    ids = torch.randint(0, VOCAB, (1, 64), generator=torch.Generator().manual_seed(0))
+    ids[0, 0] = 0  # the patch lands in the first row of the largest tensor (the embedding or the head)
+    with torch.no_grad():
+        before_patch = load_pretrained_checkpoint(str(paths[-1]))[0](ids)
     for i, how in enumerate(ways):
         # The same pickle, so the same size, with other weights.
         new = altered_small_checkpoint(tmp_path / f"new_{i}/best_state_100.pt", seed=i, optimizers=False,
@@ -433,18 +450,19 @@ def test_files_replaced_with_their_mtime_kept_are_reconverted_and_a_future_file_
         _replace_keeping_times(root / os.path.relpath(paths[i], root), Path(new), how)
     cli = os.path.join(os.path.dirname(SNAKEMAKE), "ckpt-migrate")
     check = subprocess.run([cli, "verify-outputs", str(out)], capture_output=True, text=True)
-    assert check.returncode != 0 and check.stdout.count("source changed") + check.stderr.count("source changed") == 4
+    assert check.returncode != 0 and check.stdout.count("source changed") + check.stderr.count("source changed") == 5
     proc = snakemake(str(root), str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     counts = job_counts(proc.stdout + proc.stderr)
-    assert counts.get("plan") == 1 and counts.get("convert") == 4, counts
-    ids = torch.randint(0, VOCAB, (1, 64), generator=torch.Generator().manual_seed(0))
-    for i in range(len(ways)):
+    assert counts.get("plan") == 1 and counts.get("convert") == 5, counts
+    for i, how in enumerate(ways):
         rel = os.path.relpath(paths[i], root)
         converted, _, _ = load_pretrained_checkpoint(str(out / "converted" / rel))
-        replacement, _, _ = load_pretrained_checkpoint(str(tmp_path / f"new_{i}/best_state_100.pt"))
+        new = paths[i] if how == "patch" else tmp_path / f"new_{i}/best_state_100.pt"
+        replacement, _, _ = load_pretrained_checkpoint(str(new))
         with torch.no_grad():
-            assert torch.equal(converted(ids), replacement(ids)), ways[i]
+            assert torch.equal(converted(ids), replacement(ids)), how
+            assert how != "patch" or not torch.equal(converted(ids), before_patch)
     assert "Nothing to be done" in snakemake(str(root), str(out), "-n").stdout
 
 

@@ -790,3 +790,36 @@ def test_a_run_on_an_output_folder_in_use_refuses_and_a_stale_lock_is_taken_over
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not lock.exists() and not leftover.exists()
     assert read_report(str(out / "report.csv"))[0]["status"] == "converted"
+
+
+def test_a_file_whose_ctime_alone_moved_is_judged_by_its_bytes(tmp_path):
+    """A chmod changes no byte; a patch of 4 bytes inside a tensor, mtime set back (touch -r),
+    keeps size, mtime, inode and the zip's tail, and is still seen (its entry's CRC-32 no longer
+    matches). A file that is not a zip has nothing to vouch for it: it counts as changed."""
+    from ckpt_migrate.identity import file_identity, identity_change
+
+    path = tmp_path / "best_state_100.pt"
+    torch.save({"model": {"w": torch.arange(1 << 16, dtype=torch.float32)}}, path)  # more than the 64 KiB tail
+    recorded = file_identity(str(path), with_content=True)
+    os.chmod(path, 0o400)
+    assert os.stat(path).st_ctime_ns != recorded["ctime_ns"] and identity_change(recorded, str(path)) == ""
+
+    os.chmod(path, 0o600)
+    with zipfile.ZipFile(path) as archive:
+        entry = next(e for e in archive.infolist() if e.filename.endswith("data/0"))
+        start = entry.header_offset
+    with open(path, "r+b") as f:
+        f.seek(start + 26)
+        name_length, extra_length = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        f.seek(start + 30 + name_length + extra_length + 8)
+        f.write(b"\x00\x00\x48\x41")  # 12.5 for the third weight
+    os.utime(path, ns=(recorded["mtime_ns"], recorded["mtime_ns"]))
+    assert file_identity(str(path), with_content=True)["tail_sha256"] == recorded["tail_sha256"]
+    assert torch.load(path, weights_only=True)["model"]["w"][2] == 12.5  # torch reads the patch without a word
+    assert "no longer matches its CRC-32" in identity_change(recorded, str(path))
+
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.zeros(4)}, legacy, _use_new_zipfile_serialization=False)
+    before = file_identity(str(legacy), with_content=True)
+    os.chmod(legacy, 0o400)
+    assert "not a zip" in identity_change(before, str(legacy))
