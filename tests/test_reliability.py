@@ -744,6 +744,24 @@ def test_links_planted_where_the_pipeline_writes_are_replaced_never_written_thro
     rows = {r["relative_path"]: r for r in read_report(str(out / "report.csv"))}
     assert [r["status"] for r in rows.values()] == ["converted", "converted"]
 
+    # Links at a new file's record path, before the run that converts it: Snakemake would take
+    # either for a finished conversion; the plan removes them and the file is converted.
+    new = altered_small_checkpoint(root / "eng_spa_owt_run_2/best_state_100.pt", seed=2, optimizers=False)
+    for kind, rel in (("hard link", "checks/eng_spa_owt_run_2/best_state_100.yaml"),
+                      ("symlink", "logs/convert/eng_spa_owt_run_2/best_state_100.log")):
+        decoy = decoys / f"new {kind}"
+        decoy.write_text("not yours\n")
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        ((out / rel).symlink_to if kind == "symlink" else (out / rel).hardlink_to)(decoy)
+        planted[out / rel] = decoy
+    proc = snakemake(str(root), str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert job_counts(proc.stdout + proc.stderr).get("convert") == 1
+    assert all(decoy.read_text() == "not yours\n" for decoy in planted.values())
+    row = {r["relative_path"]: r for r in read_report(str(out / "report.csv"))}["eng_spa_owt_run_2/best_state_100.pt"]
+    assert row["status"] == "converted" and row["check_passed"] == "True"
+    assert os.path.exists(new) and (out / "converted/eng_spa_owt_run_2/best_state_100.pt").exists()
+
     # A hard link to a checkpoint of the tree, where a run writes: the run stops before any job.
     source = root / "eng_spa_owt_run_0/best_state_100.pt"
     before = source.read_bytes()

@@ -122,3 +122,16 @@ def test_report_rereads_only_the_records_that_changed(tmp_path, monkeypatch):
     monkeypatch.setattr(fingerprint, "report_fingerprint", lambda: "0123456789abcdef")
     pipeline.write_report(layout)
     assert len(reads) == 3  # both manifests and the one check record
+
+    # A record that is not one the pipeline wrote (damaged, or a file linked there by hand) is a
+    # failed row saying so, quoting none of it; the other rows stand, in the report and after a failure.
+    check_path = layout.check("eng_spa_owt_run_1/best_state_100")
+    os.unlink(check_path)
+    with open(check_path, "w") as f:
+        f.write("SECRET: [unclosed\n")
+    relative = {k: os.path.relpath(p, root) for k, p in sources.items()}
+    for rows in (pipeline.write_report(layout), report_code.report_after_failure(layout, relative)):
+        rows = {r["relative_path"]: r for r in rows}
+        row = rows["eng_spa_owt_run_1/best_state_100.pt"]
+        assert row["status"] == "failed" and "is not one this pipeline wrote" in row["reason"]
+        assert "SECRET" not in row["reason"] and rows["hin_urd_owt_run_1/best_state_100.pt"]["status"] == "not_needed"

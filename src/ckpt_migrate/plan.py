@@ -160,6 +160,7 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
              for key in members]).encode()).hexdigest()[:12]
         for key in members:
             new_index[key]["batch"] = batch_id
+            _clear_record_path(layout.check(key))
     missing = sorted(lang or "(no language pair)" for lang, found in validations.items() if found is None)
     if (validation or {}).get("data") and missing:
         log.warning("validation: no shard matches %r for %s: their files get no val_loss", validation["data"],
@@ -177,6 +178,19 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
         writer.writerow((key, entry["status"], entry.get("batch", ""), source, evaluation))
     atomic_write_text(layout.plan, buf.getvalue())
     return [key for key in rows if new_index[key]["status"] == "to_convert"]
+
+
+def _clear_record_path(path: str) -> None:
+    """Remove what lies at the record path of a file given a new batch: an old record (it describes
+    other bytes or settings), or a link or file planted there, which Snakemake would take for a
+    finished conversion and never run its job. Only the name goes: nothing is written through it."""
+    try:
+        os.unlink(path)
+        log.info("removed %s: its file is converted again", display_path(path))
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # a folder there: Snakemake names it when the job cannot write
+        log.warning("could not remove %s: %s", display_path(path), exc.strerror)
 
 
 def read_plan(plan_path: str) -> list[tuple[str, str, str]]:

@@ -10,6 +10,7 @@ import os
 import sys
 from typing import Any, Iterable
 
+import yaml
 
 from .atomic import atomic_write_text
 from .detect import ManifestRecord
@@ -103,8 +104,8 @@ def write_report(layout: OutputLayout) -> list[dict]:
         if entry is not None and entry.get("stamp") == stamp and stamp[0] is not None:
             row = entry["row"]
         else:
-            manifest = read_yaml(manifest_path)
-            check = read_yaml(check_path) if stamp[1] is not None else None
+            manifest = _read_record(manifest_path, "manifest", f"{key}.pt")
+            check = _read_record(check_path, "check record", f"{key}.pt") if stamp[1] is not None else None
             row = report_row(manifest, check, validations.get(key))
         new_index[key] = {"stamp": stamp, "row": row}
         rows.append(row)
@@ -112,6 +113,17 @@ def write_report(layout: OutputLayout) -> list[dict]:
     _write_rows(rows, layout.report)
     atomic_write_text(layout.report_index, json.dumps({"version": version, "rows": new_index}))
     return rows
+
+
+def _read_record(path: str, what: str, name: str) -> dict:
+    """The record at ``path``; one that cannot be read (damaged, or a file put there by hand) is
+    a failed row saying so, in words of its own: a parser's message would quote the file."""
+    try:
+        return read_yaml(path)
+    except (OSError, yaml.YAMLError):
+        return {"relative_path": display_path(name), "status": "failed", "format": "",
+                "reason": f"its {what} {display_path(path)} is not one this pipeline wrote (damaged, or put "
+                          f"there by hand): delete it and rerun to redo the file"}
 
 
 def _write_rows(rows: list[dict], report_path: str) -> None:
@@ -150,7 +162,7 @@ def report_after_failure(layout: OutputLayout, relative_paths: dict[str, str]) -
         manifest_path, check_path = layout.manifest(key), layout.check(key)
         inputs += [manifest_path, check_path, layout.staged(key)]
         if os.path.exists(manifest_path):
-            manifest = read_yaml(manifest_path)
+            manifest = _read_record(manifest_path, "manifest", rel)
         else:
             manifest = {"relative_path": display_path(rel), "status": "failed", "format": "",
                         "reason": f"detection did not finish (log: {layout.plan_log})"}
@@ -160,7 +172,7 @@ def report_after_failure(layout: OutputLayout, relative_paths: dict[str, str]) -
             staged = layout.staged(key)
             newest = max((p for p in (check_path, staged) if os.path.exists(p)), key=mtime_ns, default=None)
             if newest:
-                check = read_yaml(newest)
+                check = _read_record(newest, "check record", rel)
             elif manifest.get("status") == "to_convert":
                 check = {"status": "failed", "reason": unfinished_conversion_reason(layout, key)}
             else:  # a medium file whose evaluation did not finish: the loss is missing, the file is fine
