@@ -23,6 +23,11 @@ def damaged(tmp_path):
     (tmp_path / "empty_out").mkdir()
     (tmp_path / "empty_out" / "report.csv").write_bytes(b"")
     (tmp_path / "config.yaml").write_bytes(b"input_root: [\xff")
+    (tmp_path / "list.yaml").write_text("- input_root\n")
+    (tmp_path / "good.yaml").write_text("input_root: clean_bbpe_50k\n")
+    (tmp_path / "fifo_out").mkdir()
+    os.mkfifo(tmp_path / "fifo_out" / "report.csv")  # opened, it would wait for a writer for ever
+    os.mkfifo(tmp_path / "fifo.yaml")
     return tmp_path
 
 
@@ -35,14 +40,19 @@ COMMANDS = {
     "inspect an empty file": (["inspect", "{t}/empty.pt"], "empty file"),
     "convert a missing file": (["convert", "{t}/missing.pt", "{t}/converted.pt"], "file not found"),
     "check an empty file": (["check", "{t}/empty.pt"], "empty file"),
-    "doctor with a damaged config": (["doctor", "--configfile", "{t}/config.yaml"], "error:"),
+    "doctor with a non-UTF-8 config": (["doctor", "--configfile", "{t}/config.yaml"], "config.yaml is not UTF-8"),
+    "doctor with a config that is a list": (["doctor", "--configfile", "{t}/list.yaml"], "list.yaml holds a list"),
+    "doctor with a config that is a FIFO": (["doctor", "--configfile", "{t}/fifo.yaml"], "fifo.yaml is a FIFO"),
+    "doctor with a --config that is not YAML": (["doctor", "--configfile", "{t}/good.yaml", "--config",
+                                                 "input_root=["], "input_root=...: the value is not YAML"),
+    "report on a report.csv that is a FIFO": (["report", "{t}/fifo_out"], "report.csv is a FIFO"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_bad_input_is_one_line_and_a_nonzero_exit(damaged, name):
     argv, words = COMMANDS[name]
-    proc = subprocess.run([CLI, *(a.format(t=damaged) for a in argv)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([CLI, *(a.format(t=damaged) for a in argv)], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr + proc.stdout
     said = [line for line in (proc.stderr + proc.stdout).splitlines() if words in line]

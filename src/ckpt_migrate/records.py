@@ -43,10 +43,23 @@ def _yaml_dumper():
     return getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
+def require_regular_file(path: str) -> None:
+    """Raise OSError naming ``path`` unless it is a regular file (after links): opening a FIFO
+    waits for a writer that never comes, and a device is no record."""
+    import stat
+
+    mode = os.stat(path).st_mode  # FileNotFoundError names the path
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise OSError(f"{display_path(path)} is {kind}, not a file: not read")
+
+
 def read_yaml(path: str) -> dict:
-    """A record this pipeline wrote; yaml.YAMLError if the file is damaged or holds no mapping."""
+    """A record this pipeline wrote; yaml.YAMLError if the file is damaged or holds no mapping,
+    OSError if it is not there or not a regular file."""
     import yaml
 
+    require_regular_file(path)
     try:
         with open(path, encoding="utf-8") as f:
             value = yaml.load(f, Loader=_yaml_loader()) or {}

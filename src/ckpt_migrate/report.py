@@ -18,7 +18,7 @@ from .isolate import display_path
 from .metrics import CHECK_FIELDS, VALIDATION_FIELDS
 from .layout import OutputLayout, lang_and_run
 from .plan import read_plan, read_validations
-from .records import mtime_ns, read_index, seconds_of_iso, read_yaml
+from .records import mtime_ns, read_index, read_yaml, require_regular_file, seconds_of_iso
 from .identity import file_identity, iso_utc
 from .slurm import unfinished_conversion_reason
 
@@ -233,6 +233,7 @@ def read_report(report_path: str) -> list[dict]:
     """The rows of a report.csv; ValueError naming the file if it is damaged."""
     import pandas as pd
 
+    require_regular_file(report_path)
     try:
         table = pd.read_csv(report_path, dtype=str, keep_default_na=False, encoding="utf-8")
         return table.to_dict("records")
