@@ -496,7 +496,7 @@ def test_links_out_of_the_tree_are_not_read_and_no_cell_is_a_formula(tmp_path):
     assert f"'{formula}/best_state_100.pt" in cells and f",{formula}" not in cells
     assert rows[f"'{formula}/best_state_100.pt"]["status"] == "converted"
 
-    proc = snakemake(str(root), str(out), config={"follow_links": "True"})
+    proc = snakemake(str(root), str(out), config={"follow_links": "true"})  # as typed: YAML's true, not True
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["relative_path"]: r for r in read_report(str(out / "report.csv"))}
     assert rows["eng_spa_owt_run_3/best_state_100.pt"]["status"] == "converted"

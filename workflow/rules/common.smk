@@ -32,15 +32,20 @@ from ckpt_migrate.pipeline import (
 
 
 def _check_section(config):
-    """The check: and validation: sections made ready for the schema: the flat keys of earlier versions are refused
-    by name, and values given on the command line (--config 'check={length: 1024}'), which
-    Snakemake passes on as strings inside a mapping, are read as YAML scalars."""
+    """The config made ready for the schema: the flat check_ keys of earlier versions are refused
+    by name, and values given on the command line (--config 'check={length: 1024}',
+    follow_links=true), which Snakemake passes on as strings, are read as YAML scalars.
+    """
     flat = sorted(key for key in config if key.startswith("check_"))
     if flat:
         raise WorkflowError(
             f"config keys {', '.join(flat)} are now under check: (e.g. check: {{length: 2048}}; "
             f"on the command line --config 'check={{length: 2048}}')"
         )
+    # --config follow_links=true reaches here as the string "true"
+    for name in ("follow_links", "allow_check_failures"):
+        if isinstance(config.get(name), str):
+            config[name] = _scalar(config[name])
     for name in ("check", "validation"):
         section = config.get(name)
         if isinstance(section, dict):
