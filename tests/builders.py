@@ -385,6 +385,16 @@ def frame_attack(path, marker, technique: str = "string") -> str:
     return write_zip_checkpoint(path, pkl, entries)
 
 
+def main_function_called(path, opcode: str = "INST") -> str:
+    """A checkpoint whose pickle has INST (or OBJ) with no arguments on ``__main__.main``: CPython's
+    unpickler creates a class's instance without __init__, but calls anything else, so the
+    training script's ``main()`` runs when torch.load reads it from the script."""
+    pkl, entries = _saved_pickle({"model": _small_model(), "step": 100})
+    note = b"\x8c\x04note"
+    call = b"(i__main__\nmain\n" if opcode == "INST" else b"(c__main__\nmain\no"
+    return write_zip_checkpoint(path, _spliced(pkl, b"(" + note + call), entries)
+
+
 # -- instances of classes the real unpickler imports, builds, fills or passes on
 
 def foreign_instance(path, marker) -> str:

@@ -240,3 +240,29 @@ def test_storage_names_differing_in_case_are_ambiguous(tmp_path):
         assert found.status == "unreadable" and "differ only in case" in found.reason, found.reason
         values.append(torch.load(path, weights_only=True)["w"].tolist())
     assert [666.0] * 4 in values and values != [[0.0, 1.0, 2.0, 3.0]] * 2
+
+
+_TORCH_LOAD_FROM_A_SCRIPT = """
+import sys, warnings, torch
+warnings.simplefilter("ignore")
+def main():  # the training script's entry point, as every modded-nanogpt script has one
+    open(sys.argv[1] + "." + str(len(sys.argv)), "w").close()
+for path in sys.argv[2:]:
+    torch.load(path, weights_only=False)
+    sys.argv.pop()
+"""
+
+
+def test_inst_or_obj_on_a_function_of_the_training_script_is_unsafe(tmp_path):
+    """INST/OBJ with no arguments on a name of __main__: a class would only be created, but the
+    script's main() is called by torch.load run from the script. The reader cannot tell a class
+    from a function by its name, so it names the call; Python 3 writes a class's instances with
+    NEWOBJ or copyreg._reconstructor, which refuse a function."""
+    paths = [builders.main_function_called(str(tmp_path / f"{op}/best_state_100.pt"), op) for op in ("INST", "OBJ")]
+    for path in paths:
+        found = inspect_archive(path)
+        assert found.status == "unsafe" and "__main__.main" in found.reason, (found.status, found.reason)
+    marker = tmp_path / "PWNED"
+    subprocess.run([sys.executable, "-c", _TORCH_LOAD_FROM_A_SCRIPT, str(marker), *paths], cwd=tmp_path,
+                   check=True, capture_output=True, timeout=120)
+    assert sorted(p.name for p in tmp_path.glob("PWNED.*")) == ["PWNED.3", "PWNED.4"]  # main() ran for each file

@@ -254,6 +254,9 @@ class PickleMachine:
             raise UnreadableError(f"{opcode} with arguments that are not a tuple")
         handler = allow.CALLS.get(str(func))
         if handler is None:
+            if func.module == MAIN_MODULE:
+                raise UnsafePickleError(f"{opcode} calls {func} (the training script's function, or its class's "
+                                        f"__init__, would run)")
             if allow.is_record_class(func):
                 raise UnsafePickleError(f"{opcode} calls {func} (its __init__ would run)")
             raise UnsafePickleError(f"{opcode} calls {func}")
@@ -261,7 +264,10 @@ class PickleMachine:
 
     def instantiate(self, cls: Any, args: list, opcode: str) -> Any:
         # INST/OBJ: a class with no arguments is created without __init__; anything else is a call.
-        if isinstance(cls, GlobalRef) and not args and allow.is_record_class(cls):
+        # A name of __main__ may be a function of the training script (main, train), which the
+        # unpickler would call: only NEWOBJ and copyreg._reconstructor, which refuse a non-class,
+        # may make its instances (what Python 3 writes for them).
+        if isinstance(cls, GlobalRef) and not args and allow.is_record_class(cls) and cls.module != MAIN_MODULE:
             return self.record(str(cls))
         return self.call(cls, tuple(args), opcode)
 
