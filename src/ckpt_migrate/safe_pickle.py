@@ -228,11 +228,11 @@ def _inspect_zip(f, file_size: int, limits: ReaderLimits, deadline: float) -> Ar
     except UnreadableError:
         _name_calls_in_local_pickles(f, file_size, limits, deadline)
         raise
-    if "byteorder" in entries and _entry_bytes(f, entries["byteorder"], file_size, 64).strip() not in (b"", b"little"):
-        raise UnreadableError("big-endian archive (byteorder is not little)")
     data = _entry_bytes(f, entries["data.pkl"], file_size, limits.max_pickle_bytes)
     machine = PickleMachine(data, limits, deadline, persistent="zip")
-    obj = machine.run()
+    obj = machine.run()  # first: torch unpickles whatever the other records say, so a call is named
+    if "byteorder" in entries and _entry_bytes(f, entries["byteorder"], file_size, 64).strip() not in (b"", b"little"):
+        raise UnreadableError("big-endian archive (byteorder is not little)")
     spans: dict[str, tuple[int, int]] = {}
     for key, storage in machine.storages.items():
         info = entries.get(f"data/{key}")
