@@ -623,3 +623,79 @@ def test_shared_lists_in_a_checkpoint_are_loaded_shared(tmp_path):
     ours = checkpoint.materialize(checkpoint.inspection.obj)["history"][-1]
     assert ours[0] is ours[7] and reference[0] is reference[7]
     assert len(ours) == len(reference) == 8
+
+
+def _u(text: str) -> bytes:
+    data = text.encode()
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
+def _i(value: int) -> bytes:
+    data = value.to_bytes((value.bit_length() + 8) // 8 or 1, "little", signed=True)
+    return b"\x8a" + bytes([len(data)]) + data
+
+
+def _tuple(*items: bytes) -> bytes:
+    return b"(" + b"".join(items) + b"t"
+
+
+def _rebuilt(offset: int, size: tuple, stride: tuple, storage: str = "torch\nFloatStorage") -> bytes:
+    """_rebuild_tensor_v2 over storage '0' (4 elements): what torch.save writes for a tensor."""
+    pid = _tuple(_u("storage"), f"c{storage}\n".encode(), _u("0"), _u("cpu"), _i(4)) + b"Q"
+    return (b"ctorch._utils\n_rebuild_tensor_v2\n"
+            + _tuple(pid, _i(offset), _tuple(*map(_i, size)), _tuple(*map(_i, stride)), b"\x89", b"N") + b"R")
+
+
+def test_values_the_reader_once_got_wrong_agree_with_torch_or_are_refused(tmp_path):
+    """Found by a differential attack: each file is read as torch.load reads it, or refused by
+    name; never another value. A numpy scalar whose dtype is big-endian; a GPU storage class of
+    old torch; a zero-element tensor at a far offset (torch keeps it); sizes that overflow 64
+    bits, tensors as dict keys, a plain tensor of a quantized dtype, a tensor nested deeper than
+    the loader copies (refused)."""
+    import numpy as np
+
+    from ckpt_migrate.loader import CheckpointError
+
+    from .builders import _saved_pickle, write_zip_checkpoint
+
+    pkl, entries = _saved_pickle({"w": torch.arange(4, dtype=torch.float32), "step": np.int64(1),
+                                  "loss": np.float64(1.5)})
+    assert pkl.count(b"X\x01\x00\x00\x00<") == 1  # the dtypes' byte order in their BUILD states (memoized)
+    big = write_zip_checkpoint(tmp_path / "big_endian_numpy.pt", pkl.replace(b"X\x01\x00\x00\x00<",
+                                                                             b"X\x01\x00\x00\x00>"), entries)
+    reference = torch.load(big, weights_only=False)
+    checkpoint = open_checkpoint(big)
+    ours = checkpoint.materialize(checkpoint.inspection.obj)
+    assert (ours["step"], ours["loss"]) == (int(reference["step"]), float(reference["loss"]))
+    assert ours["step"] == 2**56 and ours["loss"] != 1.5  # read big-endian, as numpy does
+
+    def file(name: str, items: bytes) -> str:
+        return write_zip_checkpoint(tmp_path / f"{name}.pt", b"\x80\x02}(" + items + b"u.", entries)
+
+    read = {"cuda storage": file("cuda", _u("w") + _rebuilt(0, (4,), (1,), "torch.cuda\nFloatStorage")),
+            "far empty": file("far", _u("w") + _rebuilt(2**62, (0,), (1,)))}
+    for name, path in read.items():
+        checkpoint = open_checkpoint(path)
+        ours, theirs = checkpoint.materialize(checkpoint.inspection.obj)["w"], torch.load(path, weights_only=True)["w"]
+        assert (ours.shape, ours.storage_offset(), ours.tolist()) == (theirs.shape, theirs.storage_offset(),
+                                                                     theirs.tolist()), name
+    refused = {"offset past 64 bits": (_u("w") + _rebuilt(2**70, (0,), (1,)), "overflows 64 bits"),
+               "numel past 64 bits": (_u("w") + _rebuilt(0, (2**48, 2**48, 2**48, 0), (1, 1, 1, 1)),
+                                      "overflows 64 bits"),
+               "tensors as keys": (_rebuilt(0, (2,), (1,)) + _u("a") + _rebuilt(0, (2,), (1,)) + _u("b"),
+                                   "a tensor used as a dict key"),
+               "quantized dtype": (_u("w") + _rebuilt(0, (4,), (1,), "torch\nQInt8Storage"), "quantized dtype")}
+    for name, (items, words) in refused.items():
+        path = file(name.replace(" ", "_"), items)
+        found = inspect_archive(path)
+        assert found.status == "unreadable" and words in found.reason, (name, found.status, found.reason)
+    # torch keeps both keys (a tensor hashes by identity); a reader whose stubs compare by value kept one
+    assert len(torch.load(tmp_path / "tensors_as_keys.pt", weights_only=True)) == 2
+    with pytest.raises(Exception):
+        torch.load(tmp_path / "offset_past_64_bits.pt", weights_only=True)
+
+    deep = write_zip_checkpoint(tmp_path / "deep.pt", b"\x80\x02}(" + _u("w") + b"]" * 40
+                                + _rebuilt(0, (4,), (1,)) + b"a" * 40 + b"u.", entries)
+    checkpoint = open_checkpoint(deep)
+    with pytest.raises(CheckpointError, match="nested deeper than 32"):
+        checkpoint.materialize(checkpoint.inspection.obj)

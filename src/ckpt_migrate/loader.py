@@ -63,7 +63,11 @@ class Checkpoint:
         def copy(value: Any, depth: int) -> Any:
             if isinstance(value, TensorStub):
                 return self.tensor(value)
-            if depth >= 32 or not isinstance(value, (dict, list, tuple)):
+            if not isinstance(value, (dict, list, tuple)):
+                return value
+            if depth >= MAX_MATERIALIZE_DEPTH:  # the rest is returned as is: it must hold no tensor
+                if _holds_tensor(value):
+                    raise CheckpointError(f"a tensor nested deeper than {MAX_MATERIALIZE_DEPTH} containers: not read")
                 return value
             if id(value) not in copies:
                 if isinstance(value, dict):
@@ -74,6 +78,22 @@ class Checkpoint:
             return copies[id(value)]
 
         return copy(obj, 0)
+
+
+MAX_MATERIALIZE_DEPTH = 32  # containers are copied this deep (a pickle may nest them without end)
+
+
+def _holds_tensor(value: Any) -> bool:
+    """Whether a TensorStub lies anywhere in ``value``, walked without recursion."""
+    pending, seen = [value], set()
+    while pending:
+        v = pending.pop()
+        if isinstance(v, TensorStub):
+            return True
+        if isinstance(v, (dict, list, tuple)) and id(v) not in seen:
+            seen.add(id(v))
+            pending.extend(v.values() if isinstance(v, dict) else v)
+    return False
 
 
 def open_checkpoint(path: str, limits: ReaderLimits = DEFAULT_LIMITS) -> Checkpoint:

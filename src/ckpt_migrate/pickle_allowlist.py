@@ -263,6 +263,8 @@ VALUES: set[str] = (
                                     "bits16", "bits1x8", "bits2x4", "bits4x2", "float4_e2m1fn_x2",
                                     *(f"uint{i}" for i in range(1, 8)), *(f"int{i}" for i in range(1, 8)))}
     | {f"{module}.{name}" for module in ("torch", "torch.storage") for name in STORAGE_DTYPES}
+    # what torch wrote for a GPU tensor's storage before typed storages went (torch's list has them)
+    | {f"torch.cuda.{name}" for name in STORAGE_DTYPES if not name.startswith(("Q", "Untyped"))}
     | {"torch.storage.TypedStorage"}
     | {f"torch.{q}" for q in ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine",
                               "per_channel_symmetric", "per_channel_affine_float_qparams")}

@@ -80,6 +80,10 @@ class PickleMachine:
                 raise UnreadableError(f"a {v.cls} used as a dict key or set member")
             if isinstance(v, (list, dict, set, bytearray)):
                 raise UnreadableError(f"unhashable {type(v).__name__} used as a dict key or set member")
+            if isinstance(v, (TensorStub, LegacyRef)):
+                # torch hashes a tensor by identity; a stub compares by what it describes, so two
+                # views alike would become one key and a value would be lost
+                raise UnreadableError("a tensor used as a dict key or set member")
             if not isinstance(v, tuple) or id(v) in sizes:
                 continue
             if children_done:

@@ -50,9 +50,22 @@ def numpy_scalar(m, args: tuple) -> Any:
     check_no_records(data, "numpy.core.multiarray.scalar")
     m.objects.add("numpy.scalar")
     fmt = _NUMPY_SCALAR_FORMATS.get(str(dtype.args[0]).lstrip("<>=|"))
-    if fmt and isinstance(data, bytes) and struct.calcsize(fmt) == len(data):
-        return struct.unpack("<" + fmt, data)[0]  # a step, a loss: its Python number
+    order = _byte_order(dtype)
+    if fmt and order and isinstance(data, bytes) and struct.calcsize(fmt) == len(data):
+        return struct.unpack(order + fmt, data)[0]  # a step, a loss: its Python number
     return m.record("numpy.scalar", args)
+
+
+def _byte_order(dtype: PickledObject) -> str:
+    """The struct byte order of a pickled numpy dtype: its BUILD state's (numpy's __setstate__
+    sets it after construction), else its type code's prefix; native is little-endian here.
+    "" if the state holds something numpy would refuse."""
+    if isinstance(dtype.state, tuple) and len(dtype.state) > 1:
+        order = dtype.state[1]
+    else:
+        code = str(dtype.args[0]) if dtype.args else ""
+        order = code[:1] if code[:1] in (">", "<", "=", "|") else "="
+    return {">": ">", "<": "<", "=": "<", "|": "<"}.get(order, "") if isinstance(order, str) else ""
 
 
 def _bit_generator_spec(value: Any, what: str) -> None:

@@ -47,15 +47,32 @@ def _tensor(m, storage: Any, offset: Any, size: Any, stride: Any, dtype: str | N
     if not isinstance(storage, StorageStub):
         raise UnreadableError("tensor rebuilt from something that is not a storage")
     dtype = dtype or storage.dtype
+    if dtype.startswith(("qint", "quint")):  # torch.load makes it a quantized tensor, not these bytes
+        raise UnreadableError(f"a plain tensor rebuilt with the quantized dtype {dtype}")
     shape, strides = ints(m, size, "tensor size"), ints(m, stride, "tensor stride")
     if type(offset) is not int or offset < 0 or len(shape) != len(strides):
         raise UnreadableError(f"tensor of shape {list(shape)} has a malformed layout")
+    if offset >= 2**63 or not _numel_fits_int64(shape):
+        # torch holds these in 64 bits, and refuses what overflows even where no element is read
+        raise UnreadableError(f"tensor of shape {list(shape)} at offset {offset}: overflows 64 bits "
+                              f"(torch.load refuses it)")
     stub = TensorStub(dtype, shape, storage.key, offset, strides)
     capacity = storage.nbytes // DTYPE_ITEMSIZE[dtype]
     if stub.numel and offset + sum((d - 1) * s for d, s in zip(shape, strides)) >= capacity:
         raise UnreadableError(f"tensor of shape {list(shape)} reaches past its storage of {capacity} elements")
     m.count()
     return stub
+
+
+def _numel_fits_int64(shape: tuple[int, ...]) -> bool:
+    """Whether every running product of the dimensions, in order, stays below 2**63 (so a zero
+    dimension after two of 2**48 does not save it)."""
+    product = 1
+    for dim in shape:
+        product *= dim
+        if product >= 2**63:
+            return False
+    return True
 
 
 def _flags(requires_grad: Any, hooks: Any, metadata: Any) -> None:
