@@ -165,3 +165,41 @@ def test_tensor_views_must_stay_inside_their_storage(tmp_path):
     assert torch.load(tmp_path / "ok.pt", weights_only=True).shape == (4,)  # a real torch file
     bad = inspect_archive(_one_tensor_archive(tmp_path / "bad.pt", size=100, storage_numel=4))
     assert bad.status == "unreadable" and "reaches past its storage of 4 elements" in bad.reason
+
+
+_TEXT_NUMBERS = {
+    b"I": [b"0", b"1", b"00", b"01", b" 1", b"+0", b"-0", b"-1", b"010", b"0x1f", b"0X1F", b"08", b"0x", b"1_000",
+           b"0_10", b"I5L", b"5L", b" 7 ", b"\t9", b"9\x00junk", b"\x00", b"", b" ", b"abc", b"1e3", b"+", b"-",
+           b"9223372036854775807", b"9223372036854775808", b"-9223372036854775809", b"0o17", b"0b101", b"1 2",
+           b"\xd9\xa3", b"5\x1c"],
+    b"L": [b"0L", b"00", b"L00", b"01", b"010L", b"5LL", b"5", b"-5L", b"0x10L", b"1_0L", b" 3 L", b"12345678901234567890L",
+           b"", b"L", b"0o7L"],
+    b"F": [b"1.5", b"-0.0", b"1e3", b"1E-3", b".5", b"5.", b"inf", b"-Infinity", b"nan", b"NaN", b"1e999", b"-1e999",
+           b"1e-999", b"1_0", b" 1.5", b"1.5 ", b"0x1p3", b"1e", b"1.5\x00x", b"", b"+.5e+2", b"in", b"infx"],
+}
+
+
+def test_protocol_0_numbers_are_read_as_the_c_unpickler_reads_them():
+    """INT, LONG and FLOAT carry their number as a line of text: the C unpickler parses it with
+    strtol (octal, booleans for any two characters that read 0 or 1), PyLong_FromString and
+    PyOS_string_to_double. Each line: the same value and type as pickle.loads (CPython's C
+    unpickler, what torch.load runs), or refused where it fails."""
+    from ckpt_migrate.pickle_machine import PickleMachine
+    from ckpt_migrate.pickle_values import DEFAULT_LIMITS, UnreadableError
+
+    disagree = []
+    for opcode, lines in _TEXT_NUMBERS.items():
+        for line in lines:
+            data = opcode + line + b"\n."
+            try:
+                expected = pickle.loads(data)
+            except Exception:
+                expected = "refused"
+            try:
+                ours = PickleMachine(data, DEFAULT_LIMITS, float("inf")).run()
+            except UnreadableError:
+                ours = "refused"
+            same = (type(ours) is type(expected) and (ours == expected or ours != ours and expected != expected))
+            if not same:
+                disagree.append((opcode + line, expected, ours))
+    assert disagree == []

@@ -4,7 +4,9 @@ buffer), and an opcode's argument read without acting on it."""
 from __future__ import annotations
 
 import codecs
+import math
 import pickletools
+import re
 import struct
 from typing import Any
 
@@ -124,3 +126,77 @@ def quoted_string(line: bytes) -> bytes:
     if len(line) >= 2 and line[0] == line[-1] and line[:1] in (b"'", b'"'):
         return codecs.escape_decode(line[1:-1])[0]
     raise UnreadableError("the STRING opcode argument must be quoted")
+
+
+# --- protocol 0's numbers written as text: parsed as Modules/_pickle.c parses them ---------------
+
+_C_SPACE = b" \t\n\v\f\r"  # C's isspace (Python's str.strip would also take \x1c-\x1f)
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+# What PyOS_string_to_double reads: float()'s syntax without whitespace or underscores.
+_FLOAT_TEXT = re.compile(rb"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|(?i:infinity|inf|nan))")
+
+
+def text_int(line: bytes) -> int:
+    """INT: ``strtol(line, &end, 0)`` (octal "010" is 8); a value that overflows a C long, or
+    text after it, goes to Python's int parser instead; exactly two characters that read 0 or 1
+    are protocol 0's booleans (" 1" and "+0" too)."""
+    if not line:
+        raise UnreadableError("INT with an empty line")
+    value, end = _strtol(line)
+    if value is None or (end < len(line) and line[end] != 0):
+        return _python_int(line)
+    return bool(value) if len(line) == 2 and value in (0, 1) else value
+
+
+def text_long(line: bytes) -> int:
+    """LONG: one trailing "L" dropped, then Python's int parser with base 0 ("L00" is 0, "L010" an error)."""
+    if not line:
+        raise UnreadableError("LONG with an empty line")
+    return _python_int(line[:-1] if line.endswith(b"L") else line)
+
+
+def _strtol(text: bytes) -> tuple[int | None, int]:
+    """glibc's strtol with base 0: (value, or None past 64 bits; index of the first byte not read)."""
+    i = 0
+    while i < len(text) and text[i] in _C_SPACE:
+        i += 1
+    negative = text[i:i + 1] == b"-"
+    i += text[i:i + 1] in (b"-", b"+")
+    base = 10
+    if text[i:i + 2].lower() == b"0x" and len(text) > i + 2 and text[i + 2] in _HEX_DIGITS:
+        base, i = 16, i + 2
+    elif text[i:i + 1] == b"0":
+        base = 8
+    start = i
+    digits = "0123456789abcdef"[:base]
+    while i < len(text) and chr(text[i]).lower() in digits:
+        i += 1
+    if i == start:
+        return 0, 0  # no number: strtol points back at the start
+    if i - start > 40:
+        return None, i
+    value = int(text[start:i], base) * (-1 if negative else 1)
+    return (value, i) if -2**63 <= value < 2**63 else (None, i)
+
+
+def _python_int(text: bytes) -> int:
+    """PyLong_FromString(text, NULL, 0): the text up to a NUL, ASCII whitespace around it."""
+    text = text.split(b"\0", 1)[0]
+    if len(text) > 400 or any(b > 0x7E or (b < 0x20 and b not in _C_SPACE) for b in text):
+        raise UnreadableError("an integer written as text that the unpickler cannot parse")
+    try:
+        return int(text.decode("ascii"), 0)
+    except ValueError:
+        raise UnreadableError("an integer written as text that the unpickler cannot parse") from None
+
+
+def text_float(line: bytes) -> float:
+    """FLOAT: PyOS_string_to_double, which takes what float() takes but no whitespace and no
+    underscores, and refuses a value past the double range; it must end the line (or a NUL)."""
+    match = _FLOAT_TEXT.match(line)
+    if not line or match is None or (match.end() < len(line) and line[match.end()] != 0):
+        raise UnreadableError("a float written as text that the unpickler cannot parse")
+    value = float(match.group())
+    if math.isinf(value) and b"n" not in match.group().lower():
+        raise UnreadableError("a float written as text past the double range (the unpickler refuses it)")
+    return value

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import pickle_allowlist as allow
-from .pickle_input import quoted_string
+from .pickle_input import quoted_string, text_float, text_int, text_long
 from .pickle_values import GlobalRef, PickledObject, UnreadableError, UnsafePickleError, one_line
 
 if TYPE_CHECKING:  # only named in annotations: the machine imports this table
@@ -16,18 +16,6 @@ if TYPE_CHECKING:  # only named in annotations: the machine imports this table
 class Stop(Exception):
     def __init__(self, value: Any):
         self.value = value
-
-
-def _int_from_line(line: bytes) -> Any:
-    if line in (b"00", b"01"):  # protocol 0's booleans
-        return line == b"01"
-    text = line.decode("ascii").strip().rstrip("L")
-    if len(text) > 400:  # far past max_int_bits; Python refuses to parse such text anyway
-        raise UnreadableError(f"integer of {len(text)} digits")
-    try:
-        return int(text, 0)  # the C unpickler parses with base 0 (strtol)
-    except ValueError:
-        return int(text, 8)  # strtol's octal "010", which int(..., 0) refuses
 
 
 def _checked_int(m: PickleMachine, value: int) -> int:
@@ -235,14 +223,14 @@ DISPATCH: dict[int, Callable[[PickleMachine], None]] = {op[0]: handler for op, h
     b"N": _push(lambda m: None),                                         # NONE
     b"\x88": _push(lambda m: True),                                      # NEWTRUE
     b"\x89": _push(lambda m: False),                                     # NEWFALSE
-    b"I": _push(lambda m: _checked_int(m, _int_from_line(m.line()))),    # INT
+    b"I": _push(lambda m: _checked_int(m, text_int(m.line()))),          # INT
     b"J": _push(lambda m: m.unpack("<i")),                               # BININT
     b"K": _push(lambda m: m.unpack("<B")),                               # BININT1
     b"M": _push(lambda m: m.unpack("<H")),                               # BININT2
-    b"L": _push(lambda m: _checked_int(m, _int_from_line(m.line()))),    # LONG
+    b"L": _push(lambda m: _checked_int(m, text_long(m.line()))),         # LONG
     b"\x8a": _push(lambda m: _checked_int(m, int.from_bytes(m.sized("<B"), "little", signed=True))),  # LONG1
     b"\x8b": _push(lambda m: _checked_int(m, int.from_bytes(m.sized("<i"), "little", signed=True))),  # LONG4
-    b"F": _push(lambda m: float(m.line())),                              # FLOAT
+    b"F": _push(lambda m: text_float(m.line())),                         # FLOAT
     b"G": _push(lambda m: m.unpack(">d")),                               # BINFLOAT
     b"S": _push(lambda m: _string(m, quoted_string(m.line()))),                # STRING
     b"T": _push(lambda m: _string(m, m.sized("<i"))),                    # BINSTRING
