@@ -699,3 +699,51 @@ def test_values_the_reader_once_got_wrong_agree_with_torch_or_are_refused(tmp_pa
     checkpoint = open_checkpoint(deep)
     with pytest.raises(CheckpointError, match="nested deeper than 32"):
         checkpoint.materialize(checkpoint.inspection.obj)
+
+
+def _with_record(path, suffix: str, data: bytes) -> str:
+    """A torch.save file of one tensor whose record ending in ``suffix`` holds ``data``."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(4, dtype=torch.float32)}, buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as source, zipfile.ZipFile(path, "w") as z:
+        for info in source.infolist():
+            z.writestr(zipfile.ZipInfo(info.filename),
+                       data if info.filename.endswith("/" + suffix) else source.read(info.filename))
+    return str(path)
+
+
+def test_archive_records_are_judged_as_torch_judges_them(tmp_path):
+    """byteorder, version and .storage_alignment: what torch reads is read; what it refuses
+    (a byteorder with a newline, a version it does not support or cannot parse, an alignment
+    that is no number, a stored entry with two sizes) is unreadable, naming the record."""
+    accepted = {"version 3 with a newline": ("version", b"3\n"), "version +3": ("version", b"+3"),
+                "version 10": ("version", b"10"), "alignment ' 64'": (".storage_alignment", b" 64")}
+    refused = {"byteorder with a newline": ("byteorder", b"little\n", "byteorder record"),
+               "empty byteorder": ("byteorder", b"", "byteorder record"),
+               "version 11": ("version", b"11", "version record"), "version 0x3": ("version", b"0x3", "version record"),
+               "version abc": ("version", b"abc", "version record"),
+               "alignment xx": (".storage_alignment", b"xx", "storage alignment record")}
+    for i, (name, (suffix, data)) in enumerate(accepted.items()):
+        path = _with_record(tmp_path / f"a{i}.pt", suffix, data)
+        assert torch.load(path, weights_only=True)["w"].tolist() == [0.0, 1.0, 2.0, 3.0], name
+        assert inspect_archive(path).status == "ok", (name, inspect_archive(path).reason)
+    for i, (name, (suffix, data, words)) in enumerate(refused.items()):
+        path = _with_record(tmp_path / f"r{i}.pt", suffix, data)
+        with pytest.raises(Exception):
+            torch.load(path, weights_only=True)
+        found = inspect_archive(path)
+        assert found.status == "unreadable" and words in found.reason, (name, found.status, found.reason)
+
+    # A stored storage entry whose headers say 32 bytes where 16 are stored: miniz refuses it.
+    raw = bytearray(open(_with_record(tmp_path / "sizes.pt", "version", b"3"), "rb").read())
+    for signature, size_at, name_at in ((b"PK\x03\x04", 22, 30), (b"PK\x01\x02", 24, 46)):
+        at = raw.find(signature)
+        while at >= 0:
+            if raw[at + name_at:at + name_at + 14] == b"archive/data/0":
+                raw[at + size_at:at + size_at + 4] = (32).to_bytes(4, "little")
+            at = raw.find(signature, at + 1)
+    (tmp_path / "sizes.pt").write_bytes(bytes(raw))
+    with pytest.raises(Exception):
+        torch.load(tmp_path / "sizes.pt", weights_only=True)
+    found = inspect_archive(str(tmp_path / "sizes.pt"))
+    assert found.status == "unreadable" and "stored with two sizes" in found.reason, found.reason

@@ -84,6 +84,9 @@ def _entry_span(f, info: zipfile.ZipInfo, file_size: int) -> tuple[int, int]:
             and (compressed, size) != (0xFFFFFFFF, 0xFFFFFFFF):
         raise UnreadableError(f"zip entry {name}: local and central headers disagree on its method or size "
                               f"(torch refuses the archive)")
+    if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+        raise UnreadableError(f"zip entry {name} is stored with two sizes ({info.compress_size} and "
+                              f"{info.file_size} bytes; torch refuses the archive)")
     start = info.header_offset + 30 + name_len + extra_len
     if start + info.compress_size > file_size:
         raise UnreadableError(f"zip entry {name} reaches past the end of the file (truncated)")
@@ -222,6 +225,32 @@ def _name_calls_in_local_pickles(f, file_size: int, limits: ReaderLimits, deadli
             pass
 
 
+_VERSION_TEXT = re.compile(rb"[ \t\n\v\f\r]*[+-]?[0-9]{1,18}")  # what torch's stoll-like parse takes
+MAX_FORMAT_VERSION = 10  # torch reads versions 1 to 10 (kMaxSupportedFileFormatVersion)
+
+
+def _check_records(f, entries: dict[str, zipfile.ZipInfo], file_size: int) -> None:
+    """The archive's small records, as torch judges them: a byteorder of exactly "little" (or
+    none, as older files), a version it supports, a storage alignment that is a number."""
+    if "byteorder" in entries:
+        byteorder = _entry_bytes(f, entries["byteorder"], file_size, 64)
+        if byteorder == b"big":
+            raise UnreadableError("big-endian archive (byteorder is not little)")
+        if byteorder != b"little":
+            raise UnreadableError("byteorder record that is neither little nor big (torch refuses it)")
+    version_entry = entries.get(".data/version") or entries.get("version")
+    text = _entry_bytes(f, version_entry, file_size, 64)
+    match = _VERSION_TEXT.match(text)
+    if match is None or not 1 <= int(match.group()) <= MAX_FORMAT_VERSION:
+        raise UnreadableError(f"archive version record that torch cannot read (it reads versions 1 to "
+                              f"{MAX_FORMAT_VERSION})")
+    if ".storage_alignment" in entries:
+        try:
+            int(_entry_bytes(f, entries[".storage_alignment"], file_size, 64))
+        except ValueError:
+            raise UnreadableError("storage alignment record that is not a number (torch refuses it)") from None
+
+
 def _inspect_zip(f, file_size: int, limits: ReaderLimits, deadline: float) -> ArchiveInspection:
     try:
         entries = _archive_layout(f, file_size, limits)
@@ -231,8 +260,7 @@ def _inspect_zip(f, file_size: int, limits: ReaderLimits, deadline: float) -> Ar
     data = _entry_bytes(f, entries["data.pkl"], file_size, limits.max_pickle_bytes)
     machine = PickleMachine(data, limits, deadline, persistent="zip")
     obj = machine.run()  # first: torch unpickles whatever the other records say, so a call is named
-    if "byteorder" in entries and _entry_bytes(f, entries["byteorder"], file_size, 64).strip() not in (b"", b"little"):
-        raise UnreadableError("big-endian archive (byteorder is not little)")
+    _check_records(f, entries, file_size)
     spans: dict[str, tuple[int, int]] = {}
     for key, storage in machine.storages.items():
         info = entries.get(f"data/{key}")
