@@ -639,11 +639,13 @@ def _tuple(*items: bytes) -> bytes:
     return b"(" + b"".join(items) + b"t"
 
 
-def _rebuilt(offset: int, size: tuple, stride: tuple, storage: str = "torch\nFloatStorage") -> bytes:
+def _rebuilt(offset: int, size: tuple, stride: tuple, storage: str = "torch\nFloatStorage",
+             requires_grad: bool = False) -> bytes:
     """_rebuild_tensor_v2 over storage '0' (4 elements): what torch.save writes for a tensor."""
     pid = _tuple(_u("storage"), f"c{storage}\n".encode(), _u("0"), _u("cpu"), _i(4)) + b"Q"
-    return (b"ctorch._utils\n_rebuild_tensor_v2\n"
-            + _tuple(pid, _i(offset), _tuple(*map(_i, size)), _tuple(*map(_i, stride)), b"\x89", b"N") + b"R")
+    return (b"ctorch._utils\n_rebuild_tensor_v2\n" + _tuple(pid, _i(offset), _tuple(*map(_i, size)),
+                                                           _tuple(*map(_i, stride)), b"\x88" if requires_grad
+                                                           else b"\x89", b"N") + b"R")
 
 
 def test_values_the_reader_once_got_wrong_agree_with_torch_or_are_refused(tmp_path):
@@ -684,15 +686,18 @@ def test_values_the_reader_once_got_wrong_agree_with_torch_or_are_refused(tmp_pa
                                       "overflows 64 bits"),
                "tensors as keys": (_rebuilt(0, (2,), (1,)) + _u("a") + _rebuilt(0, (2,), (1,)) + _u("b"),
                                    "a tensor used as a dict key"),
-               "quantized dtype": (_u("w") + _rebuilt(0, (4,), (1,), "torch\nQInt8Storage"), "quantized dtype")}
+               "quantized dtype": (_u("w") + _rebuilt(0, (4,), (1,), "torch\nQInt8Storage"), "quantized dtype"),
+               "int tensor that requires grad": (_u("w") + _rebuilt(0, (4,), (1,), "torch\nIntStorage", True),
+                                                 "requires grad")}
     for name, (items, words) in refused.items():
         path = file(name.replace(" ", "_"), items)
         found = inspect_archive(path)
         assert found.status == "unreadable" and words in found.reason, (name, found.status, found.reason)
     # torch keeps both keys (a tensor hashes by identity); a reader whose stubs compare by value kept one
     assert len(torch.load(tmp_path / "tensors_as_keys.pt", weights_only=True)) == 2
-    with pytest.raises(Exception):
-        torch.load(tmp_path / "offset_past_64_bits.pt", weights_only=True)
+    for refused_by_torch in ("offset_past_64_bits", "int_tensor_that_requires_grad"):
+        with pytest.raises(Exception):
+            torch.load(tmp_path / f"{refused_by_torch}.pt", weights_only=True)
 
     deep = write_zip_checkpoint(tmp_path / "deep.pt", b"\x80\x02}(" + _u("w") + b"]" * 40
                                 + _rebuilt(0, (4,), (1,)) + b"a" * 40 + b"u.", entries)

@@ -103,14 +103,23 @@ def rebuild_tensor_v2(m, args: tuple):
     storage, offset, size, stride, requires_grad, hooks, metadata = (
         arguments(args, "torch._utils._rebuild_tensor_v2", 6, 7) + (None,))[:7]
     _flags(requires_grad, hooks, metadata)
-    return _tensor(m, storage, offset, size, stride, None)
+    return _gradient_allowed(_tensor(m, storage, offset, size, stride, None), requires_grad)
 
 
 def rebuild_tensor_v3(m, args: tuple):
     storage, offset, size, stride, requires_grad, hooks, dtype, metadata = (
         arguments(args, "torch._utils._rebuild_tensor_v3", 7, 8) + (None,))[:8]
     _flags(requires_grad, hooks, metadata)
-    return _tensor(m, storage, offset, size, stride, dtype_name(dtype))
+    return _gradient_allowed(_tensor(m, storage, offset, size, stride, dtype_name(dtype)), requires_grad)
+
+
+def _gradient_allowed(tensor: TensorStub | LegacyRef, requires_grad: Any) -> TensorStub | LegacyRef:
+    """torch.load refuses requires_grad on a tensor that is not floating point or complex."""
+    if requires_grad is True and isinstance(tensor, TensorStub) and not tensor.dtype.startswith(("float", "bfloat",
+                                                                                                 "complex")):
+        raise UnreadableError(f"a {tensor.dtype} tensor that requires grad (torch.load refuses it: only "
+                              f"floating-point and complex tensors can)")
+    return tensor
 
 
 def _parameter_data(data: Any, requires_grad: Any) -> Any:
@@ -118,7 +127,7 @@ def _parameter_data(data: Any, requires_grad: Any) -> Any:
         raise UnreadableError("parameter rebuilt from something that is not a tensor")
     if type(requires_grad) is not bool:
         raise UnreadableError("parameter requires_grad is not a boolean")
-    return data
+    return _gradient_allowed(data, requires_grad)
 
 
 def rebuild_parameter(m, args: tuple):
