@@ -173,9 +173,24 @@ def _benchmark_link_problem(entry: os.DirEntry) -> str:
     return ""
 
 
+def _special_file_problem(entry: os.DirEntry) -> str:
+    """A FIFO, socket or device (or a link to one) where the pipeline keeps files: opened to be
+    read or written, a FIFO would wait for ever."""
+    with contextlib.suppress(OSError):  # a dangling link: replaced like any file
+        mode = os.stat(entry.path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+            return (f"{display_path(entry.path)} is {kind}{' through a link' if entry.is_symlink() else ''}, where "
+                    f"the pipeline keeps files: remove it")
+    return ""
+
+
 def _entry_problem(entry: os.DirEntry, tree: str, tree_files: dict[tuple[int, int], str], into_tree) -> str:
-    """A symlink into the tree, or a hard link to a checkpoint of it (a file written there would
-    be written into that checkpoint)."""
+    """A symlink into the tree, a hard link to a checkpoint of it (a file written there would
+    be written into that checkpoint), or a FIFO or device."""
+    special = _special_file_problem(entry)
+    if special:
+        return special
     if entry.is_symlink():
         return _link_problem(entry.path, tree) if into_tree(entry.path) else ""
     with contextlib.suppress(OSError):

@@ -43,9 +43,10 @@ def acquire(output_root: str) -> str:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         except FileExistsError:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    holder = json.load(f)
+            try:  # never through a link, never a FIFO: a lock is a file a run made
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                with os.fdopen(fd, encoding="utf-8") as f:
+                    holder = json.loads(f.read(4096)) if os.path.isfile(path) else {}
             except (OSError, ValueError):
                 holder = {}
             if not isinstance(holder, dict) or not holder or _holder_is_alive(holder):

@@ -20,7 +20,8 @@ from .atomic import atomic_write_text
 from .detect import ManifestRecord
 from .isolate import DEFAULT_MEMORY_MB, DEFAULT_SECONDS, detect_isolated, display_path
 from .layout import OutputLayout, lang_and_run
-from .records import FUTURE_SLACK_NS, job_environment, mtime_ns, read_index, read_yaml, write_yaml
+from .records import (FUTURE_SLACK_NS, job_environment, mtime_ns, read_index, read_yaml, require_regular_file,
+                      write_yaml)
 from .identity import file_identity, identity_change, iso_utc
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,38 @@ def detect_and_plan(sources: dict[str, str], relative_paths: dict[str, str], lay
     return [key for key in rows if new_index[key]["status"] == "to_convert"]
 
 
+def plan_out_of_date(sources: dict[str, str], layout: OutputLayout) -> str:
+    """Why the plan must run again, whatever Snakemake remembers ("" if it need not): a match the
+    last plan did not see, or saw as another file, or one it saw that is gone, or a plan file
+    that cannot be read. Snakemake reruns the plan on changed params only where its own records
+    (``.snakemake`` of this checkout, for this very path) hold them: a second checkout, or
+    output_root given through a link, would otherwise take a replaced file for the old one."""
+    if not os.path.exists(layout.plan):
+        return ""  # Snakemake runs it anyway
+    index = read_index(layout.manifest_index)
+    if set(index) != set(sources):
+        return "the matches differ from those the last plan saw"
+    changed = next((key for key, path in sources.items()
+                    if (index[key] or {}).get("file") != file_identity(path)), None)
+    if changed is not None:
+        return f"{display_path(sources[changed])} is not the file the last plan saw"
+    try:
+        planned = {row["key"] for row in _plan_rows(layout.plan)}
+    except (OSError, UnicodeDecodeError, csv.Error):
+        planned = None
+    return "" if planned == set(sources) else f"{display_path(layout.plan)} is damaged"
+
+
+def age_out_of_date_plan(sources: dict[str, str], layout: OutputLayout) -> str:
+    """Date plan.tsv back to 1970 where :func:`plan_out_of_date` says it is, so that Snakemake,
+    which compares it with the matches' mtimes, runs the plan; returns why ("" if it is current)."""
+    why = plan_out_of_date(sources, layout)
+    if why:
+        os.utime(layout.plan, (0, 0))
+        log.info("the plan runs again: %s", why)
+    return why
+
+
 def _clear_record_path(path: str) -> None:
     """Remove what lies at the record path of a file given a new batch: an old record (it describes
     other bytes or settings), or a link or file planted there, which Snakemake would take for a
@@ -213,6 +246,7 @@ def read_batches(plan_path: str) -> dict[str, dict[str, str]]:
 
 
 def _plan_rows(plan_path: str) -> list[dict[str, str]]:
+    require_regular_file(plan_path)
     with open(plan_path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter="\t")
         next(reader, None)

@@ -125,6 +125,7 @@ def mtime_ns(path: str) -> int | None:
 def read_index(path: str) -> dict:
     """The plan's index of manifests (file identity, detector, overrides, status), or {} if unusable."""
     try:
+        require_regular_file(path)
         with open(path, encoding="utf-8") as f:
             index = json.load(f)
         return index if isinstance(index, dict) else {}

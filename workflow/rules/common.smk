@@ -14,6 +14,7 @@ from ckpt_migrate.plan import CONVERT_JOB_RESOURCES
 from ckpt_migrate.layout import lang_and_run
 from ckpt_migrate.validation import validation_plan
 from ckpt_migrate.pipeline import (
+    age_out_of_date_plan,
     OUTPUT_FOLDERS,
     OutputLayout,
     batch_minutes,
@@ -97,6 +98,9 @@ _problem = placement_problem(INPUT_ROOT, OUT, SOURCES.values())
 if _problem:
     raise WorkflowError(_problem)
 LAYOUT = OutputLayout(OUT)
+# Snakemake's own records of the plan's params live in this checkout, for this very path: from
+# another checkout (or through a link) a file replaced with its mtime kept must still replan.
+age_out_of_date_plan(SOURCES, LAYOUT)
 # The logit-check settings, as ckpt_migrate.check.CheckSettings takes them.
 CHECK_SETTINGS = lookup(dpath="check", within=config)
 # Rerun triggers: every conversion (detection) is redone when the code that decides it changes.
