@@ -56,9 +56,14 @@ def require_regular_file(path: str) -> None:
 
 def read_yaml(path: str) -> dict:
     """A record this pipeline wrote; yaml.YAMLError if the file is damaged or holds no mapping,
-    OSError if it is not there or not a regular file."""
+    OSError if it is not there, not a regular file, or a link (the pipeline writes every record
+    as a file of its own: a symlink or hard link there is someone else's file)."""
+    import stat
     import yaml
 
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink > 1):
+        raise OSError(f"{display_path(path)} is a link, not a record this pipeline wrote: not read")
     require_regular_file(path)
     try:
         with open(path, encoding="utf-8") as f:

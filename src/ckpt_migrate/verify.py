@@ -45,6 +45,9 @@ def verify_outputs(output_root: str, recheck: bool = False, settings: dict | Non
                 problems.append(f"missing: {path} (recorded in {record_path}; delete that record and "
                                 f"rerun with --forcerun plan to convert it again)")
                 continue
+            if not os.path.isfile(path):  # a FIFO would never end the read
+                problems.append(f"not a file: {path} (recorded in {record_path}; remove it and rerun)")
+                continue
             digest = sha256_file(path)
             if digest != record.get("sha256"):
                 expected = str(record.get("sha256"))[:16]

@@ -54,4 +54,9 @@ rule convert:
         staged_log=lambda wildcards: LAYOUT.staged_log(wildcards.ckpt),
         converter=CONVERTER_FINGERPRINT,
     shell:
-        "cp --remove-destination {params.staged_log:q} {log:q} && cp --remove-destination {params.staged:q} {output.check:q}"
+        # Only the files the batch job wrote: never a link's target, never a FIFO, copied out.
+        "for f in {params.staged_log:q} {params.staged:q}; do"
+        ' if [ ! -f "$f" ] || [ -L "$f" ] || [ "$(stat -c %h "$f")" != 1 ]; then'
+        ' echo "$f is not a file the conversion job wrote (a link, FIFO or folder): remove it and rerun" >&2;'
+        " exit 1; fi; done;"
+        " cp --remove-destination {params.staged_log:q} {log:q} && cp --remove-destination {params.staged:q} {output.check:q}"
