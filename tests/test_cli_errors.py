@@ -44,7 +44,7 @@ COMMANDS = {
     "doctor with a config that is a list": (["doctor", "--configfile", "{t}/list.yaml"], "list.yaml holds a list"),
     "doctor with a config that is a FIFO": (["doctor", "--configfile", "{t}/fifo.yaml"], "fifo.yaml is a FIFO"),
     "doctor with a --config that is not YAML": (["doctor", "--configfile", "{t}/good.yaml", "--config",
-                                                 "input_root=["], "input_root=...: the value is not YAML"),
+                                                 "input_root=["], "input_root=...: the value is not valid YAML"),
     "report on a report.csv that is a FIFO": (["report", "{t}/fifo_out"], "report.csv is a FIFO"),
 }
 
@@ -58,3 +58,16 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(damaged, name):
     said = [line for line in (proc.stderr + proc.stdout).splitlines() if words in line]
     assert len(said) == 1 and len(said[0]) <= 400, proc.stderr + proc.stdout
     assert not (damaged / "converted.pt").exists()
+
+
+def test_a_yaml_error_names_the_line_and_quotes_nothing(tmp_path):
+    """A parser's message quotes the file (an unknown tag, a snippet): the line says where only."""
+    (tmp_path / "config.yaml").write_text("input_root: !SECRET_tag_hunter2 x\n")
+    record = tmp_path / "out/checks/run_1/best_state_100.yaml"
+    record.parent.mkdir(parents=True)
+    record.write_text("status: converted\nsha256: !SECRET_tag_hunter2 [\n")
+    (tmp_path / "out/plan.tsv").write_text("key\tstatus\n")
+    for argv in (["doctor", "--configfile", str(tmp_path / "config.yaml")], ["verify-outputs", str(tmp_path / "out")]):
+        proc = subprocess.run([CLI, *argv], capture_output=True, text=True, timeout=60)
+        said = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "not valid YAML (line" in said and "SECRET" not in said, said

@@ -712,15 +712,16 @@ def test_a_lost_converted_file_is_named_and_converted_again_as_verify_outputs_sa
 def _written_paths(out, key: str) -> list:
     """Every path a run writes for checkpoint ``key``, and the run's own files."""
     return [out / p for p in ("plan.tsv", "report.csv", "logs/plan.log", f"manifests/{key}.yaml",
-                              f"staged/{key}.yaml", f"staged/{key}.log", f"checks/{key}.yaml",
-                              f"logs/convert/{key}.log", f"attempts/{key}.yaml", f"converted/{key}.pt")]
+                              f"checks/{key}.yaml", f"logs/convert/{key}.log", f"attempts/{key}.yaml",
+                              f"converted/{key}.pt")]
 
 
 @pytest.mark.e2e
 def test_links_planted_where_the_pipeline_writes_are_replaced_never_written_through(tmp_path):
     """Issue 21: a symlink or a hard link to a file elsewhere, at every path a run writes, is
     replaced by the run's own file (the file it names is unchanged); a hard link to a checkpoint
-    of the tree, or any link where Snakemake writes a benchmark, stops the run at once, naming it."""
+    of the tree, any link where Snakemake writes a benchmark or among the staged files (copied
+    out), or a FIFO anywhere, stops the run at once, naming it."""
     root, out = tmp_path / "clean_bbpe_50k", tmp_path / "out"
     for i in range(2):
         altered_small_checkpoint(root / f"eng_spa_owt_run_{i}/best_state_100.pt", seed=i, optimizers=False)
@@ -737,10 +738,12 @@ def test_links_planted_where_the_pipeline_writes_are_replaced_never_written_thro
             path.unlink(missing_ok=True)
             (path.symlink_to if kind == "symlink" else path.hardlink_to)(decoy)
             planted[path] = decoy
+    for staged in out.glob("staged/*/*"):  # the batch job converts again (else its record stands)
+        staged.unlink()
     proc = snakemake(str(root), str(out), "--forceall")  # every job again: every path written
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert all(decoy.read_text() == "not yours\n" for decoy in planted.values())
-    assert all(not path.is_symlink() and path.stat().st_nlink == 1 for path in planted)
+    assert [p for p in planted if p.is_symlink() or p.stat().st_nlink != 1] == []
     rows = {r["relative_path"]: r for r in read_report(str(out / "report.csv"))}
     assert [r["status"] for r in rows.values()] == ["converted", "converted"]
 
@@ -778,6 +781,17 @@ def test_links_planted_where_the_pipeline_writes_are_replaced_never_written_thro
     proc = snakemake(str(root), str(out), "--forcerun", "plan")
     assert proc.returncode != 0 and f"{benchmark} is a link" in proc.stdout + proc.stderr
     assert (decoys / "symlink_0").read_text() == "not yours\n"
+    benchmark.unlink()
+    staged_log = out / "staged/eng_spa_owt_run_0/best_state_100.log"
+    staged_log.unlink()
+    staged_log.symlink_to(decoys / "symlink_0")
+    proc = snakemake(str(root), str(out))
+    assert proc.returncode != 0 and f"{staged_log} is a link" in proc.stdout + proc.stderr
+    staged_log.unlink()
+    (out / "manifests/.index.json").unlink()
+    os.mkfifo(out / "manifests/.index.json")  # read by the plan (and at start): it would wait for ever
+    proc = snakemake(str(root), str(out), timeout=120)
+    assert proc.returncode != 0 and "manifests/.index.json is a FIFO" in proc.stdout + proc.stderr
 
 
 @pytest.mark.e2e

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from typing import Any
 
 import yaml
@@ -93,8 +94,17 @@ def standing_conversion(record_path: str, src: str, converted_path: str, check_s
               and record.get("converter_fingerprint") == converter_fingerprint()
               and record.get("check_settings") == dict(check_settings)
               and record.get("overrides") == dict(overrides or {})
-              and record.get("status") == "converted" and os.path.isfile(converted_path))
+              and record.get("status") == "converted" and _own_file(converted_path))
     return record if stands else None
+
+
+def _own_file(path: str) -> bool:
+    """A regular file under no other name (not a symlink, not a hard link): as the pipeline writes."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
 
 
 def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any], overrides: dict | None,

@@ -62,20 +62,22 @@ def load_profile(profile: str | None, workflow_profile: str | None) -> dict:
 
 
 def load_config(configfile: str, overrides: list[str]) -> dict:
+    from .records import yaml_problem
+
     config = _yaml_mapping(configfile)
     for item in overrides:
         key, _, value = item.partition("=")
         try:
             config[key] = yaml.safe_load(value)
         except yaml.YAMLError as exc:
-            raise ValueError(f"--config {key}=...: the value is not YAML ({_yaml_problem(exc)})") from None
+            raise ValueError(f"--config {key}=...: the value is {yaml_problem(exc)}") from None
     return config
 
 
 def _yaml_mapping(path: str) -> dict:
     """The mapping in the YAML file at ``path`` ({} if empty); ValueError naming the file if it is
     not a regular file, not UTF-8, not YAML or not a mapping."""
-    from .records import require_regular_file
+    from .records import require_regular_file, yaml_problem
 
     try:
         require_regular_file(path)
@@ -86,17 +88,10 @@ def _yaml_mapping(path: str) -> dict:
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path} is not YAML ({_yaml_problem(exc)})") from None
+        raise ValueError(f"{path} is {yaml_problem(exc)}") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path} holds a {type(value).__name__}, not a mapping of settings")
     return value
-
-
-def _yaml_problem(exc: Exception) -> str:
-    """What a YAML parser found, and where, without the snippet of text it quotes."""
-    mark = getattr(exc, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"{getattr(exc, 'problem', None) or 'cannot be parsed'}{where}"
 
 
 def conversion_request(profile: dict, config: dict | None = None) -> dict:

@@ -133,7 +133,9 @@ def _link_into_tree(tree: str, out: str, tree_files: dict[tuple[int, int], str])
         if os.path.islink(top) and into_tree(top):
             return _link_problem(top, tree)
         pending.append(top)
-    benchmarks = os.path.join(out, "benchmarks")
+    # Snakemake writes its benchmarks through whatever is there; staged files are copied out
+    # (their target's bytes would be copied): links in these two are named, not replaced.
+    no_links_in = [os.path.join(out, "benchmarks"), os.path.join(out, "staged")]
     while pending:
         folder = pending.pop()
         try:
@@ -145,8 +147,8 @@ def _link_into_tree(tree: str, out: str, tree_files: dict[tuple[int, int], str])
                 pending.append(entry.path)
                 continue
             problem = _entry_problem(entry, tree, tree_files, into_tree) or _folder_link_problem(entry)
-            if not problem and os.path.commonpath([benchmarks, folder]) == benchmarks:
-                problem = _benchmark_link_problem(entry)
+            if not problem and any(os.path.commonpath([top, folder]) == top for top in no_links_in):
+                problem = _read_back_link_problem(entry)
             if problem:
                 return problem
     return ""
@@ -163,13 +165,13 @@ def _folder_link_problem(entry: os.DirEntry) -> str:
     return ""
 
 
-def _benchmark_link_problem(entry: os.DirEntry) -> str:
-    """Snakemake writes its benchmark tables itself, through whatever link is there: any link
-    among them is named (the pipeline's own files replace a link instead)."""
+def _read_back_link_problem(entry: os.DirEntry) -> str:
+    """A link among the benchmarks (Snakemake writes its tables through it) or the staged files
+    (copied out to logs/ and checks/, the file it names would be copied)."""
     with contextlib.suppress(OSError):
         if entry.is_symlink() or entry.stat(follow_symlinks=False).st_nlink > 1:
-            return (f"{display_path(entry.path)} is a link (Snakemake would write its benchmark into the file "
-                    f"it names): remove it")
+            return (f"{display_path(entry.path)} is a link (the run would write into or copy out the file it "
+                    f"names): remove it")
     return ""
 
 

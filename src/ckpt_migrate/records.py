@@ -54,6 +54,12 @@ def require_regular_file(path: str) -> None:
         raise OSError(f"{display_path(path)} is {kind}, not a file: not read")
 
 
+def yaml_problem(exc: Exception) -> str:
+    """Where a YAML parser stopped, without its words: they quote the file (a tag, a line)."""
+    mark = getattr(exc, "problem_mark", None)
+    return f"not valid YAML (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else "not valid YAML"
+
+
 def read_yaml(path: str) -> dict:
     """A record this pipeline wrote; yaml.YAMLError if the file is damaged or holds no mapping,
     OSError if it is not there, not a regular file, or a link (the pipeline writes every record
@@ -70,6 +76,8 @@ def read_yaml(path: str) -> dict:
             value = yaml.load(f, Loader=_yaml_loader()) or {}
     except UnicodeDecodeError as exc:
         raise yaml.YAMLError(f"{display_path(path)} is not UTF-8 text ({exc.reason})") from None
+    except yaml.YAMLError as exc:
+        raise yaml.YAMLError(f"{display_path(path)} is {yaml_problem(exc)}") from None
     if not isinstance(value, dict):
         raise yaml.YAMLError(f"{display_path(path)} holds no record (a {type(value).__name__}, not a mapping)")
     return value
