@@ -14,15 +14,16 @@ code's fingerprint, the run's settings) and redoes only the rest. ``verify-outpu
 from .batch import run_batch, run_conversion, standing_conversion
 from .layout import (OUTPUT_FOLDERS, OutputLayout, checkpoint_key, checkpoint_sources, glob_problem, link_outside,
                      not_read_because, placement_problem)
-from .plan import DEFAULT_CONVERSIONS_PER_JOB, age_out_of_date_plan, batch_minutes, detect_and_plan, read_batches, read_plan, write_manifest
+from .plan import (DEFAULT_CONVERSIONS_PER_JOB, age_out_of_date_plan, batch_minutes, detect_and_plan, read_batches,
+                   read_plan, write_manifest)
 from .records import is_from_the_future, job_logging, read_yaml, source_identities, write_yaml
 from .identity import file_identity
 from .report import (NEEDS_A_PERSON, REPORT_COLUMNS, check_gate, read_report, report_after_failure, summarize,
                      write_report)
 from .verify import verify_outputs
 
-__all__ = ["DEFAULT_CONVERSIONS_PER_JOB", "age_out_of_date_plan", "NEEDS_A_PERSON", "OUTPUT_FOLDERS", "OutputLayout", "REPORT_COLUMNS",
-           "batch_minutes", "check_gate", "checkpoint_key", "checkpoint_sources", "detect_and_plan", "file_identity",
+__all__ = ["DEFAULT_CONVERSIONS_PER_JOB", "NEEDS_A_PERSON", "OUTPUT_FOLDERS", "OutputLayout", "REPORT_COLUMNS",
+           "age_out_of_date_plan", "batch_minutes", "check_gate", "checkpoint_key", "checkpoint_sources", "detect_and_plan", "file_identity",
            "glob_problem", "is_from_the_future", "job_logging", "link_outside", "not_read_because",
            "placement_problem", "read_batches",
            "read_plan", "read_report", "read_yaml", "report_after_failure", "run_batch", "run_conversion",

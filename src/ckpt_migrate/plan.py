@@ -198,7 +198,7 @@ def plan_out_of_date(sources: dict[str, str], layout: OutputLayout) -> str:
         return f"{display_path(sources[changed])} is not the file the last plan saw"
     try:
         planned = {row["key"] for row in _plan_rows(layout.plan)}
-    except (OSError, UnicodeDecodeError, csv.Error):
+    except (OSError, ValueError, csv.Error):  # not text, not UTF-8, NUL bytes: rewritten by the plan
         planned = None
     return "" if planned == set(sources) else f"{display_path(layout.plan)} is damaged"
 
@@ -208,7 +208,7 @@ def age_out_of_date_plan(sources: dict[str, str], layout: OutputLayout) -> str:
     which compares it with the matches' mtimes, runs the plan; returns why ("" if it is current)."""
     why = plan_out_of_date(sources, layout)
     if why:
-        os.utime(layout.plan, (0, 0))
+        os.utime(layout.plan, (0, 0), follow_symlinks=False)  # a link there is replaced, its file untouched
         log.info("the plan runs again: %s", why)
     return why
 
