@@ -23,7 +23,8 @@ from .report import (NEEDS_A_PERSON, REPORT_COLUMNS, check_gate, read_report, re
 from .verify import verify_outputs
 
 __all__ = ["DEFAULT_CONVERSIONS_PER_JOB", "NEEDS_A_PERSON", "OUTPUT_FOLDERS", "OutputLayout", "REPORT_COLUMNS",
-           "age_out_of_date_plan", "batch_minutes", "check_gate", "checkpoint_key", "checkpoint_sources", "detect_and_plan", "file_identity",
+           "age_out_of_date_plan", "batch_minutes", "check_gate", "checkpoint_key", "checkpoint_sources",
+           "detect_and_plan", "file_identity",
            "glob_problem", "is_from_the_future", "job_logging", "link_outside", "not_read_because",
            "placement_problem", "read_batches",
            "read_plan", "read_report", "read_yaml", "report_after_failure", "run_batch", "run_conversion",
