@@ -855,3 +855,27 @@ def test_a_file_whose_ctime_alone_moved_is_judged_by_its_bytes(tmp_path):
     before = file_identity(str(legacy), with_content=True)
     os.chmod(legacy, 0o400)
     assert "not a zip" in identity_change(before, str(legacy))
+
+
+def test_a_folder_made_a_link_during_the_run_is_never_written_through(tmp_path):
+    """The start of a run refuses a link below a written folder, but a run lasts hours: a
+    conversion job checks again before each file, and stops naming the link (here converted/<run>
+    made a link to a run folder of the tree after the plan), writing nothing through it."""
+    from dataclasses import asdict
+
+    from ckpt_migrate import pipeline
+
+    root, layout = tmp_path / "clean_bbpe_50k", pipeline.OutputLayout(str(tmp_path / "out"))
+    for step in (100, 200):
+        altered_small_checkpoint(root / f"eng_spa_owt_run_1/best_state_{step}.pt", seed=step, optimizers=False)
+    synthetic.save(synthetic.upstream_checkpoint(synthetic.medium_state_dict(vocab=VOCAB, seed=3), "medium", step=200,
+                                                 optimizers=False), str(root / "deu_fra_owt_run_2/best_state_200.pt"))
+    sources = pipeline.checkpoint_sources(str(root), "*_owt_run_*/best_state_*.pt")
+    pipeline.detect_and_plan(sources, {k: os.path.relpath(p, root) for k, p in sources.items()}, layout)
+    (batch_id,) = pipeline.read_batches(layout.plan)
+    before = tree_state(str(root))
+    os.makedirs(layout.converted_dir)
+    os.symlink(root / "deu_fra_owt_run_2", f"{layout.converted_dir}/eng_spa_owt_run_1")  # another run's folder
+    with pytest.raises(OSError, match="converted/eng_spa_owt_run_1 became a link to .*deu_fra_owt_run_2 during the run"):
+        pipeline.run_batch(layout, batch_id, asdict(CheckSettings(length=64)), None, f"{layout.root}/summary.yaml")
+    assert tree_state(str(root)) == before and os.listdir(root / "deu_fra_owt_run_2") == ["best_state_200.pt"]

@@ -132,6 +132,10 @@ def run_batch(layout: OutputLayout, batch_id: str, check_settings: dict[str, Any
     kills = {key: killed_attempts(layout, key) for key in members}
     for key in sorted(members, key=lambda k: kills[k] > 0):
         src, staged, converted = members[key], layout.staged(key), layout.converted(key)
+        linked = next(filter(None, map(layout.linked_folder, (converted, staged, layout.attempt(key)))), "")
+        if linked:  # made a link since the run started: what is written below would land elsewhere
+            raise OSError(f"{display_path(linked)} became a link to {display_path(os.path.realpath(linked))} during "
+                          f"the run: nothing written below it (remove the link and rerun)")
         started, started_at = time.perf_counter(), time.time()
         validation, manifest = validations.get(key), read_yaml(layout.manifest(key))
         to_convert = manifest.get("status") == "to_convert"

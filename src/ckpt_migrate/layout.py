@@ -40,6 +40,18 @@ class OutputLayout:
                         "attention": f"{root}/figures/needs_attention.html",
                         "validation": f"{root}/figures/validation_loss.png"}
 
+    def linked_folder(self, path: str) -> str:
+        """The first folder between ``path`` and the written folder that holds it that is a link
+        ("" if none): the start of a run refuses one, and a job checks again before it writes, since
+        a run lasts hours. (A written folder itself may be a link, to a bigger disk.)"""
+        tops = {f"{self.root}/{name}" for name in OUTPUT_FOLDERS}
+        folder = os.path.dirname(path)
+        while folder not in tops and folder != os.path.dirname(folder):
+            if os.path.islink(folder):
+                return folder
+            folder = os.path.dirname(folder)
+        return ""
+
     def job_log(self, job: str) -> str:
         """The log of a job that runs once per run (plan, report, figures, gate)."""
         return f"{self.root}/logs/{job}.log"
