@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import time
 
 LOCK_NAME = ".run.lock"
@@ -46,7 +47,7 @@ def acquire(output_root: str) -> str:
             try:  # never through a link, never a FIFO: a lock is a file a run made
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
                 with os.fdopen(fd, encoding="utf-8") as f:
-                    holder = json.loads(f.read(4096)) if os.path.isfile(path) else {}
+                    holder = json.loads(f.read(4096)) if stat.S_ISREG(os.fstat(fd).st_mode) else {}
             except (OSError, ValueError):
                 holder = {}
             if not isinstance(holder, dict) or not holder or _holder_is_alive(holder):

@@ -70,7 +70,8 @@ def read_yaml(path: str) -> dict:
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink > 1):
         raise OSError(f"{display_path(path)} is a link, not a record this pipeline wrote: not read")
-    require_regular_file(path)
+    if not stat.S_ISREG(st.st_mode):
+        require_regular_file(path)  # raises, naming what is there
     try:
         with open(path, encoding="utf-8") as f:
             value = yaml.load(f, Loader=_yaml_loader()) or {}
